@@ -1,0 +1,417 @@
+"""One frozen, typed :class:`Settings`, built from the environment.
+
+:func:`load_settings` is a pure function over a mapping (``os.environ`` in production, a dict in
+tests). It collects every problem it finds and raises them together in one
+:class:`SettingsError`, so an operator fixes a configuration in one pass, not one restart per
+mistake. docs/configuration.md lists every variable read here; keep the two in step.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import re
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal, TypeVar
+from urllib.parse import urlsplit
+
+__all__ = [
+    "DEV_CERT_FILE",
+    "DEV_KEY_FILE",
+    "DEV_SECRET_FILE",
+    "KNOWN_DEFAULT_SECRETS",
+    "MIN_SECRET_BYTES",
+    "Secret",
+    "Settings",
+    "SettingsError",
+    "load_settings",
+]
+
+#: Where ``python -m gateway dev-setup`` writes the development certificate, key and secret.
+#: Relative paths resolve against the working directory, which is the checkout for ``make run``.
+DEV_CERT_FILE = Path("certs/dev-cert.pem")
+DEV_KEY_FILE = Path("certs/dev-key.pem")
+DEV_SECRET_FILE = Path("certs/dev-jwt-secret")
+
+#: RFC 7518 section 3.2: an HS256 key must be at least as long as the hash output (32 bytes).
+MIN_SECRET_BYTES = 32
+
+#: Secrets that appear in tutorials and sample files; production refuses them at any length.
+KNOWN_DEFAULT_SECRETS = frozenset(
+    {
+        "secret",
+        "changeme",
+        "change-me",
+        "password",
+        "your-256-bit-secret",
+        "development-secret-do-not-use-in-production",
+        "please-change-this-secret-in-production-now",
+    }
+)
+
+ASYMMETRIC_ALGORITHMS = frozenset({"RS256", "ES256", "EdDSA"})
+SYMMETRIC_ALGORITHMS = frozenset({"HS256"})
+SUPPORTED_ALGORITHMS = ASYMMETRIC_ALGORITHMS | SYMMETRIC_ALGORITHMS
+
+_ROOM_NAME = re.compile(r"^[A-Za-z0-9_.:-]{1,64}$")
+_LIMITS_NOTATION = re.compile(r"^\s*\d+\s*(/|per)\s*(\d+\s*)?(second|minute|hour|day)s?\s*$")
+_LOG_LEVELS = ("CRITICAL", "ERROR", "WARNING", "INFO", "DEBUG")
+
+
+class Secret:
+    """A string that never shows its value when printed, logged or put in a traceback."""
+
+    __slots__ = ("_value",)
+
+    def __init__(self, value: str) -> None:
+        self._value = value
+
+    def get(self) -> str:
+        return self._value
+
+    def __repr__(self) -> str:
+        return "Secret('**********')"
+
+    __str__ = __repr__
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Secret) and other._value == self._value
+
+    def __hash__(self) -> int:
+        return hash(self._value)
+
+
+class SettingsError(Exception):
+    """The environment does not describe a configuration the gateway may start with."""
+
+    def __init__(self, problems: list[str]) -> None:
+        self.problems = problems
+        super().__init__("invalid configuration:\n" + "\n".join(f"  - {p}" for p in problems))
+
+
+@dataclass(frozen=True, slots=True)
+class Settings:
+    """Every setting of the gateway. Names mirror the GATEWAY_* variables, with units."""
+
+    env: Literal["development", "production"] = "development"
+    host: str = "127.0.0.1"
+    port: int = 3001
+    tls: Literal["on", "proxy"] = "on"
+    tls_cert_file: Path | None = None
+    tls_key_file: Path | None = None
+    trusted_proxies: tuple[str, ...] = ()
+
+    jwt_secret: Secret | None = None
+    jwt_public_key_file: Path | None = None
+    jwt_jwks_url: str | None = None
+    jwt_algorithms: tuple[str, ...] = ("HS256",)
+    jwt_audience: str | None = None
+    jwt_issuer: str | None = None
+    jwt_leeway_seconds: float = 10.0
+    jwt_require_exp: bool = True
+    jwt_jwks_cache_seconds: float = 300.0
+
+    allowed_origins: tuple[str, ...] = ()
+    allow_missing_origin: bool = True
+    open_rooms: tuple[str, ...] = ("lobby",)
+
+    max_message_bytes: int = 16 * 1024
+    rate_per_second: float = 5.0
+    rate_burst: int = 15
+    max_invalid_messages: int = 10
+    max_rate_violations: int = 20
+    abuse_window_seconds: float = 60.0
+    send_queue_size: int = 256
+
+    max_connections: int = 10_000
+    max_connections_per_user: int = 10
+    connect_rate: str = "30/minute"
+    ratelimit_storage_url: str = "memory://"
+    broker_url: str = "memory://"
+
+    dev_token_endpoint: bool = True
+    permessage_deflate: bool = False
+    backlog: int = 2048
+    ping_interval_seconds: float = 20.0
+    log_level: str = "INFO"
+
+    @property
+    def is_production(self) -> bool:
+        return self.env == "production"
+
+    @property
+    def public_key_algorithms(self) -> tuple[str, ...]:
+        return tuple(a for a in self.jwt_algorithms if a in ASYMMETRIC_ALGORITHMS)
+
+    @property
+    def secret_algorithms(self) -> tuple[str, ...]:
+        return tuple(a for a in self.jwt_algorithms if a in SYMMETRIC_ALGORITHMS)
+
+
+T = TypeVar("T")
+
+
+class _Reader:
+    """Reads typed values from the mapping, recording problems instead of raising."""
+
+    def __init__(self, env: Mapping[str, str]) -> None:
+        self.env = env
+        self.problems: list[str] = []
+
+    def raw(self, name: str) -> str | None:
+        value = self.env.get(name)
+        if value is None:
+            return None
+        value = value.strip()
+        return value or None
+
+    def text(self, name: str, default: str) -> str:
+        return self.raw(name) or default
+
+    def optional(self, name: str) -> str | None:
+        return self.raw(name)
+
+    def parsed(self, name: str, default: T, parse: Callable[[str], T], what: str) -> T:
+        value = self.raw(name)
+        if value is None:
+            return default
+        try:
+            return parse(value)
+        except ValueError:
+            self.problems.append(f"{name}={value!r} is not {what}")
+            return default
+
+    def integer(self, name: str, default: int, minimum: int, maximum: int) -> int:
+        value = self.parsed(name, default, int, "a whole number")
+        if not minimum <= value <= maximum:
+            self.problems.append(f"{name}={value} must be between {minimum} and {maximum}")
+            return default
+        return value
+
+    def number(self, name: str, default: float, minimum: float, maximum: float) -> float:
+        value = self.parsed(name, default, float, "a number")
+        if not minimum <= value <= maximum:  # also rejects NaN
+            self.problems.append(f"{name}={value} must be between {minimum} and {maximum}")
+            return default
+        return value
+
+    def boolean(self, name: str, default: bool) -> bool:
+        def parse(value: str) -> bool:
+            lowered = value.lower()
+            if lowered in {"1", "true", "yes", "on"}:
+                return True
+            if lowered in {"0", "false", "no", "off"}:
+                return False
+            raise ValueError(value)
+
+        return self.parsed(name, default, parse, "a boolean (true/false)")
+
+    def choice(self, name: str, default: str, choices: tuple[str, ...]) -> str:
+        value = self.text(name, default)
+        if value not in choices:
+            self.problems.append(f"{name}={value!r} must be one of: {', '.join(choices)}")
+            return default
+        return value
+
+    def listing(self, name: str, default: tuple[str, ...]) -> tuple[str, ...]:
+        value = self.env.get(name)
+        if value is None:
+            return default
+        return tuple(item.strip() for item in value.split(",") if item.strip())
+
+    def path(self, name: str, default: Path | None = None) -> Path | None:
+        value = self.raw(name)
+        return Path(value) if value is not None else default
+
+
+def _valid_origin(origin: str) -> bool:
+    parts = urlsplit(origin)
+    return (
+        parts.scheme in {"http", "https"}
+        and bool(parts.netloc)
+        and not parts.path
+        and not parts.query
+        and not parts.fragment
+    )
+
+
+def load_settings(env: Mapping[str, str]) -> Settings:
+    """Build the settings from ``env``.
+
+    Args:
+        env: the environment, or any mapping of GATEWAY_* names to strings.
+
+    Raises:
+        SettingsError: with every problem found, when the configuration is unusable, or when
+            production's rules (weak secret, missing TLS files, the development token endpoint,
+            no origin policy) are broken.
+    """
+    r = _Reader(env)
+    mode = r.choice("GATEWAY_ENV", "development", ("development", "production"))
+    production = mode == "production"
+
+    tls = r.choice("GATEWAY_TLS", "on", ("on", "proxy"))
+    cert = r.path("GATEWAY_TLS_CERT_FILE", None if production else DEV_CERT_FILE)
+    key = r.path("GATEWAY_TLS_KEY_FILE", None if production else DEV_KEY_FILE)
+
+    proxies = r.listing("GATEWAY_TRUSTED_PROXIES", ())
+    for proxy in proxies:
+        try:
+            ipaddress.ip_network(proxy, strict=False)
+        except ValueError:
+            r.problems.append(f"GATEWAY_TRUSTED_PROXIES: {proxy!r} is not an IP address or network")
+
+    secret = _read_secret(r, production)
+    public_key_file = r.path("GATEWAY_JWT_PUBLIC_KEY_FILE")
+    jwks_url = r.optional("GATEWAY_JWT_JWKS_URL")
+    algorithms = r.listing("GATEWAY_JWT_ALGORITHMS", ())
+    if not algorithms:
+        algorithms = ("RS256", "ES256", "EdDSA") if (public_key_file or jwks_url) else ("HS256",)
+    _check_keys(r, algorithms, secret, public_key_file, jwks_url)
+
+    origins = r.listing("GATEWAY_ALLOWED_ORIGINS", ())
+    for origin in origins:
+        if not _valid_origin(origin):
+            r.problems.append(
+                f"GATEWAY_ALLOWED_ORIGINS: {origin!r} is not an origin like https://chat.example.com"
+            )
+    open_rooms = r.listing("GATEWAY_OPEN_ROOMS", ("lobby",))
+    for room in open_rooms:
+        if not _ROOM_NAME.match(room):
+            r.problems.append(f"GATEWAY_OPEN_ROOMS: {room!r} is not a valid room name")
+
+    connect_rate = r.text("GATEWAY_CONNECT_RATE", "30/minute")
+    if not _LIMITS_NOTATION.match(connect_rate):
+        r.problems.append(
+            f"GATEWAY_CONNECT_RATE={connect_rate!r} is not in limits notation, like 20/minute"
+        )
+    storage_url = r.text("GATEWAY_RATELIMIT_STORAGE_URL", "memory://")
+    broker_url = r.text("GATEWAY_BROKER_URL", "memory://")
+    for name, url in (
+        ("GATEWAY_RATELIMIT_STORAGE_URL", storage_url),
+        ("GATEWAY_BROKER_URL", broker_url),
+    ):
+        if urlsplit(url).scheme not in {"memory", "redis", "rediss"}:
+            r.problems.append(f"{name}={url!r} must be a memory:// or redis:// URL")
+
+    settings = Settings(
+        env="production" if production else "development",
+        host=r.text("GATEWAY_HOST", "127.0.0.1"),
+        port=r.integer("GATEWAY_PORT", 3001, 0, 65535),
+        tls="proxy" if tls == "proxy" else "on",
+        tls_cert_file=cert,
+        tls_key_file=key,
+        trusted_proxies=proxies,
+        jwt_secret=secret,
+        jwt_public_key_file=public_key_file,
+        jwt_jwks_url=jwks_url,
+        jwt_algorithms=algorithms,
+        jwt_audience=r.optional("GATEWAY_JWT_AUDIENCE"),
+        jwt_issuer=r.optional("GATEWAY_JWT_ISSUER"),
+        jwt_leeway_seconds=r.number("GATEWAY_JWT_LEEWAY_SECONDS", 10.0, 0.0, 300.0),
+        jwt_require_exp=r.boolean("GATEWAY_JWT_REQUIRE_EXP", True),
+        jwt_jwks_cache_seconds=r.number("GATEWAY_JWT_JWKS_CACHE_SECONDS", 300.0, 1.0, 86400.0),
+        allowed_origins=origins,
+        allow_missing_origin=r.boolean("GATEWAY_ALLOW_MISSING_ORIGIN", True),
+        open_rooms=open_rooms,
+        max_message_bytes=r.integer("GATEWAY_MAX_MESSAGE_BYTES", 16 * 1024, 256, 1024 * 1024),
+        rate_per_second=r.number("GATEWAY_RATE_PER_SECOND", 5.0, 0.01, 10_000.0),
+        rate_burst=r.integer("GATEWAY_RATE_BURST", 15, 1, 100_000),
+        max_invalid_messages=r.integer("GATEWAY_MAX_INVALID_MESSAGES", 10, 1, 100_000),
+        max_rate_violations=r.integer("GATEWAY_MAX_RATE_VIOLATIONS", 20, 1, 100_000),
+        abuse_window_seconds=r.number("GATEWAY_ABUSE_WINDOW_SECONDS", 60.0, 1.0, 86400.0),
+        send_queue_size=r.integer("GATEWAY_SEND_QUEUE_SIZE", 256, 1, 1_000_000),
+        max_connections=r.integer("GATEWAY_MAX_CONNECTIONS", 10_000, 1, 10_000_000),
+        max_connections_per_user=r.integer("GATEWAY_MAX_CONNECTIONS_PER_USER", 10, 1, 100_000),
+        connect_rate=connect_rate,
+        ratelimit_storage_url=storage_url,
+        broker_url=broker_url,
+        dev_token_endpoint=r.boolean("GATEWAY_DEV_TOKEN_ENDPOINT", not production),
+        permessage_deflate=r.boolean("GATEWAY_PERMESSAGE_DEFLATE", False),
+        backlog=r.integer("GATEWAY_BACKLOG", 2048, 1024, 65535),
+        ping_interval_seconds=r.number("GATEWAY_PING_INTERVAL_SECONDS", 20.0, 0.0, 3600.0),
+        log_level=r.choice("GATEWAY_LOG_LEVEL", "INFO", _LOG_LEVELS),
+    )
+    if production:
+        _check_production(r, settings)
+    if r.problems:
+        raise SettingsError(r.problems)
+    return settings
+
+
+def _read_secret(r: _Reader, production: bool) -> Secret | None:
+    value = r.raw("GATEWAY_JWT_SECRET")
+    secret_file = r.path("GATEWAY_JWT_SECRET_FILE", None if production else DEV_SECRET_FILE)
+    if value is not None and r.raw("GATEWAY_JWT_SECRET_FILE") is not None:
+        r.problems.append("set GATEWAY_JWT_SECRET or GATEWAY_JWT_SECRET_FILE, not both")
+    if value is None and secret_file is not None:
+        try:
+            value = secret_file.read_text(encoding="utf-8").strip() or None
+        except FileNotFoundError:
+            if r.raw("GATEWAY_JWT_SECRET_FILE") is not None:
+                r.problems.append(f"GATEWAY_JWT_SECRET_FILE: {secret_file} does not exist")
+        except (OSError, UnicodeDecodeError) as exc:
+            r.problems.append(f"GATEWAY_JWT_SECRET_FILE: cannot read {secret_file}: {exc}")
+    return Secret(value) if value is not None else None
+
+
+def _check_keys(
+    r: _Reader,
+    algorithms: tuple[str, ...],
+    secret: Secret | None,
+    public_key_file: Path | None,
+    jwks_url: str | None,
+) -> None:
+    unknown = [a for a in algorithms if a not in SUPPORTED_ALGORITHMS]
+    if unknown:
+        r.problems.append(
+            f"GATEWAY_JWT_ALGORITHMS: {', '.join(unknown)} not supported "
+            f"(allowed: {', '.join(sorted(SUPPORTED_ALGORITHMS))}; 'none' never is)"
+        )
+    wants_secret = any(a in SYMMETRIC_ALGORITHMS for a in algorithms)
+    wants_public = any(a in ASYMMETRIC_ALGORITHMS for a in algorithms)
+    if wants_secret and wants_public:
+        # Mixing families is how algorithm confusion starts: a public key used as an HMAC secret.
+        r.problems.append(
+            "GATEWAY_JWT_ALGORITHMS mixes HS256 with public-key algorithms; choose one family"
+        )
+    if wants_secret and secret is None:
+        r.problems.append("HS256 needs GATEWAY_JWT_SECRET or GATEWAY_JWT_SECRET_FILE")
+    if wants_public and public_key_file is None and jwks_url is None:
+        r.problems.append(
+            "public-key algorithms need GATEWAY_JWT_PUBLIC_KEY_FILE or GATEWAY_JWT_JWKS_URL"
+        )
+    if public_key_file is not None and jwks_url is not None:
+        r.problems.append("set GATEWAY_JWT_PUBLIC_KEY_FILE or GATEWAY_JWT_JWKS_URL, not both")
+    if public_key_file is not None and not public_key_file.is_file():
+        r.problems.append(f"GATEWAY_JWT_PUBLIC_KEY_FILE: {public_key_file} does not exist")
+    if jwks_url is not None and urlsplit(jwks_url).scheme not in {"https", "http"}:
+        r.problems.append(f"GATEWAY_JWT_JWKS_URL={jwks_url!r} must be an https:// URL")
+
+
+def _check_production(r: _Reader, s: Settings) -> None:
+    if s.secret_algorithms and s.jwt_secret is not None:
+        value = s.jwt_secret.get()
+        if len(value.encode("utf-8")) < MIN_SECRET_BYTES:
+            r.problems.append(
+                f"production: the JWT secret is shorter than {MIN_SECRET_BYTES} bytes "
+                "(generate one: python -c 'import secrets; print(secrets.token_urlsafe(48))')"
+            )
+        if value.lower() in KNOWN_DEFAULT_SECRETS:
+            r.problems.append("production: the JWT secret is a well-known default; generate one")
+    if s.jwt_jwks_url is not None and urlsplit(s.jwt_jwks_url).scheme != "https":
+        r.problems.append("production: GATEWAY_JWT_JWKS_URL must use https://")
+    if s.tls == "on":
+        for name, path in (
+            ("GATEWAY_TLS_CERT_FILE", s.tls_cert_file),
+            ("GATEWAY_TLS_KEY_FILE", s.tls_key_file),
+        ):
+            if path is None:
+                r.problems.append(f"production: {name} is required (or GATEWAY_TLS=proxy)")
+            elif not path.is_file():
+                r.problems.append(f"production: {name}: {path} does not exist")
+    if s.dev_token_endpoint:
+        r.problems.append("production: GATEWAY_DEV_TOKEN_ENDPOINT must be off")
+    if not s.allowed_origins:
+        r.problems.append("production: GATEWAY_ALLOWED_ORIGINS is required (the origin policy)")
