@@ -1,0 +1,91 @@
+"""Command line: ``python -m gateway {serve,token,dev-setup}`` (also installed as ``gateway``).
+
+* ``serve`` starts the gateway as the GATEWAY_* variables configure it (docs/configuration.md).
+* ``token`` prints an HS256 token signed with the configured secret, for curl, wscat, scripts.
+* ``dev-setup`` writes the development certificate and secret into certs/ (used by make run).
+
+A configuration problem prints every problem at once and exits with status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from collections.abc import Sequence
+
+from gateway.settings import Settings, SettingsError, load_settings
+
+__all__ = ["main"]
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="gateway", description=__doc__.split("\n")[0])
+    commands = parser.add_subparsers(dest="command", required=True)
+    commands.add_parser("serve", help="start the gateway as configured by GATEWAY_* variables")
+    token = commands.add_parser("token", help="print a token signed with the configured secret")
+    token.add_argument("--sub", required=True, help="user id (the sub claim)")
+    token.add_argument("--name", help="display name (defaults to the user id)")
+    token.add_argument("--rooms", default="", help="comma separated rooms the token grants")
+    token.add_argument("--ttl", type=float, default=3600.0, help="lifetime in seconds")
+    commands.add_parser("dev-setup", help="create the development certificate and secret")
+    return parser
+
+
+def _settings() -> Settings:
+    try:
+        return load_settings(os.environ)
+    except SettingsError as error:
+        print(f"gateway: {error}", file=sys.stderr)
+        raise SystemExit(2) from None
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    if args.command == "dev-setup":
+        from gateway.devsetup import ensure_dev_files
+
+        for path in ensure_dev_files():
+            print(f"wrote {path}")
+        return 0
+
+    settings = _settings()
+    if args.command == "token":
+        from gateway.auth import mint_token
+
+        rooms = [room.strip() for room in args.rooms.split(",") if room.strip()]
+        try:
+            print(
+                mint_token(
+                    settings, sub=args.sub, name=args.name, rooms=rooms, ttl_seconds=args.ttl
+                )
+            )
+        except ValueError as error:
+            print(f"gateway: {error}", file=sys.stderr)
+            return 2
+        return 0
+
+    from gateway.logs import configure_logging
+    from gateway.server import run
+
+    configure_logging(settings.log_level)
+    scheme = "https" if settings.tls == "on" else "http"
+    host = "localhost" if settings.host in {"127.0.0.1", "::1"} else settings.host
+    print(
+        f"gateway: {settings.env} mode, chat page at {scheme}://{host}:{settings.port}/",
+        file=sys.stderr,
+    )
+    if not settings.is_production:
+        print(
+            "gateway: DEVELOPMENT MODE: self-signed certificate, development secret, and a token "
+            "endpoint anyone can use. Never expose this to a network.\n"
+            "gateway: a token for scripts: python -m gateway token --sub alice --name Alice "
+            "--rooms lobby,dev",
+            file=sys.stderr,
+        )
+    run(settings)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

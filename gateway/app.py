@@ -1,0 +1,57 @@
+"""``create_app(settings)``: the one place that wires the gateway together, in order.
+
+settings -> verifier -> room policy -> broker -> hub -> limits -> routes. Pools and background
+connections open in ``before_serving`` and close in ``after_serving``, so tests that use
+``async with app.test_app()`` and the real server run the same start-up.
+"""
+
+from __future__ import annotations
+
+from quart import Quart
+
+from gateway.auth import TokenVerifier
+from gateway.broker import create_broker
+from gateway.connection import BoundedWebsocketConnection
+from gateway.hub import Hub
+from gateway.ratelimit import ConnectAttemptLimiter, ConnectionSlots
+from gateway.rooms import RoomPolicy
+from gateway.settings import Settings
+from gateway.web import STATIC_DIR, Services, create_blueprint
+
+__all__ = ["SERVICES_KEY", "create_app"]
+
+#: Where the app keeps its :class:`~gateway.web.Services` (``app.extensions[SERVICES_KEY]``).
+SERVICES_KEY = "gateway"
+
+
+def create_app(settings: Settings) -> Quart:
+    """Build the Quart application for ``settings`` (already validated by load_settings)."""
+    app = Quart(__name__, static_folder=str(STATIC_DIR), static_url_path="/static")
+    app.asgi_websocket_class = BoundedWebsocketConnection
+    # Quart's own body caps: nothing we serve takes a large request.
+    app.config["MAX_CONTENT_LENGTH"] = 16 * 1024
+    app.config["BODY_TIMEOUT"] = 10
+
+    broker = create_broker(settings.broker_url)
+    services = Services(
+        settings=settings,
+        verifier=TokenVerifier(settings),
+        policy=RoomPolicy(settings.open_rooms),
+        broker=broker,
+        hub=Hub(broker),
+        attempts=ConnectAttemptLimiter(settings.connect_rate, settings.ratelimit_storage_url),
+        slots=ConnectionSlots(settings.max_connections, settings.max_connections_per_user),
+    )
+    app.extensions[SERVICES_KEY] = services
+    app.register_blueprint(create_blueprint(services))
+
+    @app.before_serving
+    async def start() -> None:
+        await services.hub.start()
+
+    @app.after_serving
+    async def stop() -> None:
+        await services.broker.close()
+        await services.attempts.close()
+
+    return app

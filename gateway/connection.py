@@ -1,0 +1,126 @@
+"""An accepted WebSocket, driven: one reader, one writer, and the one place closes are decided.
+
+:func:`run_connection` feeds received frames to the :class:`~gateway.session.Session` and
+drains its outbox to the socket, each in its own task, until something ends the connection:
+
+* the session raises :class:`~gateway.errors.ConnectionClosing` (1003, 1008, 1009, 4029);
+* the session's outbox overflows (4008) or the server drains (1001), via ``request_close``;
+* the token expires without a refresh (4001);
+* the client goes away (the ASGI layer cancels us: re-raised, never swallowed);
+* anything unexpected: close 1011, with the detail in the log and never on the wire.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from quart.asgi import ASGIWebsocketConnection
+
+from gateway.errors import CLOSE_REASONS, CloseCode, ConnectionClosing
+from gateway.session import Session
+
+__all__ = ["BoundedWebsocketConnection", "Socket", "run_connection"]
+
+log = logging.getLogger("gateway.connection")
+
+#: Received frames Quart may hold for us before it stops reading from Hypercorn (which then
+#: stops reading the socket): back-pressure instead of an unbounded queue.
+RECEIVE_QUEUE_FRAMES = 16
+#: How long a close frame may take to leave before we give up on a client that does not read.
+CLOSE_TIMEOUT_SECONDS = 2.0
+
+
+class BoundedWebsocketConnection(ASGIWebsocketConnection):
+    """Quart's ASGI WebSocket handler with a bounded receive queue (Quart 0.22's is unbounded)."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.queue = asyncio.Queue(maxsize=RECEIVE_QUEUE_FRAMES)
+
+
+class Socket:
+    """The three operations we need of an accepted WebSocket (Quart's ``websocket`` fits)."""
+
+    def __init__(
+        self,
+        receive: Callable[[], Awaitable[str | bytes | None]],
+        send: Callable[[str], Awaitable[None]],
+        close: Callable[[int, str], Awaitable[None]],
+    ) -> None:
+        self.receive = receive
+        self.send = send
+        self.close = close
+
+
+async def _read(socket: Socket, session: Session) -> None:
+    while True:
+        data = await socket.receive()
+        await session.handle_frame(data)
+
+
+async def _write(socket: Socket, session: Session) -> None:
+    while True:
+        await socket.send(await session.outbox.get())
+
+
+async def _watch_expiry(session: Session, clock: Callable[[], float]) -> None:
+    """Sleep until the token expires; a refresh moves the expiry, so look again on waking."""
+    while True:
+        expires_at = session.expires_at
+        if expires_at is None:
+            await asyncio.Event().wait()  # never expires: wait to be cancelled
+            return
+        remaining = expires_at - clock()
+        if remaining <= 0:
+            raise ConnectionClosing(CloseCode.TOKEN_EXPIRED)
+        await asyncio.sleep(remaining)
+
+
+async def run_connection(
+    socket: Socket, session: Session, *, clock: Callable[[], float] = time.time
+) -> CloseCode | None:
+    """Serve an accepted connection until it ends; return the close code we sent, if any.
+
+    The caller owns clean-up (``session.close()``, releasing the slot): it must run it in a
+    ``finally`` because a client disconnect arrives here as ``CancelledError``.
+    """
+    session.send(session.welcome())
+    tasks = {
+        asyncio.create_task(_read(socket, session), name="reader"),
+        asyncio.create_task(_write(socket, session), name="writer"),
+        asyncio.create_task(_watch_expiry(session, clock), name="expiry"),
+        asyncio.create_task(session.close_requested.wait(), name="close-request"),
+    }
+    try:
+        done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+    code = session.close_code or CloseCode.INTERNAL_ERROR
+    for task in done:
+        error = None if task.cancelled() else task.exception()
+        if isinstance(error, ConnectionClosing):
+            code = error.code
+            log.info(
+                "closing connection",
+                extra={"conn_id": session.conn_id, "close_code": int(code), "why": str(error)},
+            )
+        elif error is not None:
+            code = CloseCode.INTERNAL_ERROR
+            log.error(
+                "connection failed",
+                exc_info=error,
+                extra={"conn_id": session.conn_id, "close_code": int(code)},
+            )
+    session.request_close(code)
+    with contextlib.suppress(TimeoutError):
+        async with asyncio.timeout(CLOSE_TIMEOUT_SECONDS):
+            await socket.close(int(code), CLOSE_REASONS[code])
+    return code

@@ -1,0 +1,56 @@
+"""One connection's bounded outbound queue.
+
+Everything a connection is sent goes through its :class:`Outbox`; one writer task drains it to
+the socket. Putting never blocks and never waits for the client: a broadcast enqueues the same
+serialized text for every recipient and moves on. A client that lets its queue fill is not kept
+waiting for: the outbox refuses further frames and calls ``on_overflow`` once, and the connection
+is closed with 4008 (too slow). Memory per connection is therefore bounded by ``capacity``
+frames of at most the frame cap each.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable
+
+__all__ = ["Outbox"]
+
+
+class Outbox:
+    """A bounded FIFO of JSON texts, with an overflow signal instead of back-pressure."""
+
+    def __init__(self, capacity: int, on_overflow: Callable[[], None]) -> None:
+        self._queue: asyncio.Queue[str] = asyncio.Queue(maxsize=capacity)
+        self._on_overflow = on_overflow
+        self._open = True
+
+    @property
+    def depth(self) -> int:
+        """Frames waiting for the writer."""
+        return self._queue.qsize()
+
+    @property
+    def is_open(self) -> bool:
+        return self._open
+
+    def put(self, text: str) -> bool:
+        """Queue ``text`` for the client; False when refused (closed, or it just overflowed)."""
+        if not self._open:
+            return False
+        try:
+            self._queue.put_nowait(text)
+        except asyncio.QueueFull:
+            self.close()
+            self._on_overflow()
+            return False
+        return True
+
+    async def get(self) -> str:
+        """The next frame to write; waits while the queue is empty."""
+        return await self._queue.get()
+
+    def close(self) -> None:
+        """Refuse every later frame and drop what is queued (the connection is going)."""
+        self._open = False
+        while not self._queue.empty():
+            self._queue.get_nowait()

@@ -1,0 +1,77 @@
+"""Serve the app with Hypercorn, configured field by field from :class:`Settings`.
+
+Never ``Config.from_mapping``: it silently drops unknown keys, so a typo would quietly run
+with a default. The access log format names only the path (``%(r)s``), never the query string
+where a browser's ``access_token`` travels.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Awaitable, Callable
+
+from hypercorn.asyncio import serve as hypercorn_serve
+from hypercorn.config import Config
+from quart import Quart
+
+from gateway import wsstream
+from gateway.app import create_app
+from gateway.settings import Settings
+
+__all__ = ["ACCESS_LOG_FORMAT", "build_config", "serve"]
+
+#: Remote address, request line without the query string, status, bytes, microseconds.
+ACCESS_LOG_FORMAT = '%(h)s "%(r)s" %(s)s %(b)s %(D)s'
+
+
+def _bind_address(host: str, port: int) -> str:
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+def build_config(settings: Settings, *, fd: int | None = None) -> Config:
+    """The Hypercorn configuration for ``settings``.
+
+    Args:
+        fd: serve this already-bound socket (Hypercorn takes ownership) instead of binding
+            GATEWAY_HOST and GATEWAY_PORT; tests bind port 0 and pass the descriptor.
+    """
+    config = Config()
+    config.bind = [f"fd://{fd}" if fd is not None else _bind_address(settings.host, settings.port)]
+    if settings.tls == "on":
+        config.certfile = str(settings.tls_cert_file)
+        config.keyfile = str(settings.tls_key_file)
+    # HTTP/1.1 only: browsers upgrade WebSockets over it, and it keeps HTTP/2's attack surface out.
+    config.alpn_protocols = ["http/1.1"]
+    config.backlog = settings.backlog
+    config.websocket_max_message_size = settings.max_message_bytes
+    config.websocket_ping_interval = settings.ping_interval_seconds or None
+    config.include_server_header = False
+    config.ssl_handshake_timeout = 10
+    config.keep_alive_timeout = 5
+    config.h11_max_incomplete_size = 16 * 1024
+    config.accesslog = logging.getLogger("gateway.access")
+    config.errorlog = logging.getLogger("gateway.server")
+    config.access_log_format = ACCESS_LOG_FORMAT
+    config.graceful_timeout = 5
+    return config
+
+
+async def serve(
+    settings: Settings,
+    *,
+    app: Quart | None = None,
+    fd: int | None = None,
+    shutdown_trigger: Callable[[], Awaitable[None]] | None = None,
+) -> None:
+    """Run the gateway until ``shutdown_trigger`` returns (or SIGINT/SIGTERM without one)."""
+    wsstream.install(permessage_deflate=settings.permessage_deflate)
+    config = build_config(settings, fd=fd)
+    application = app if app is not None else create_app(settings)
+    kwargs = {} if shutdown_trigger is None else {"shutdown_trigger": shutdown_trigger}
+    await hypercorn_serve(application, config, **kwargs)  # type: ignore[arg-type]
+
+
+def run(settings: Settings) -> None:
+    """Blocking entry point for ``python -m gateway serve``."""
+    asyncio.run(serve(settings))

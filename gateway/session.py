@@ -1,0 +1,302 @@
+"""One connection's logic: a frame in, replies and broadcasts out, or a close.
+
+The session knows nothing of Quart or sockets (python-websockets' sans-I/O idea): the transport
+feeds it frames with :meth:`Session.handle_frame` and drains its :class:`~gateway.outbox.Outbox`;
+the session raises :class:`~gateway.errors.ConnectionClosing` when the connection must end, or
+calls :meth:`request_close` when something outside the reader (a full outbox) decides it.
+
+Every frame takes the same path, and nothing skips a step (docs/protocol.md):
+size cap -> UTF-8 JSON -> JSON Schema (:func:`gateway.protocol.decode`) -> token bucket ->
+handler. A rejected frame costs an ``error`` reply; repeated rejections within the abuse window
+close the connection (1008 for invalid messages, 4029 for rate-limit abuse).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+import time
+from collections.abc import Callable
+from typing import Any
+
+from gateway.auth import Principal, TokenVerifier
+from gateway.broker import Broker, Envelope, Member
+from gateway.errors import (
+    AuthError,
+    CloseCode,
+    ConnectionClosing,
+    ErrorCode,
+    MessageRejected,
+)
+from gateway.hub import Hub
+from gateway.outbox import Outbox
+from gateway.protocol import MAX_CHAT_CHARS, decode, encode
+from gateway.ratelimit import TokenBucket, ViolationWindow
+from gateway.rooms import RoomPolicy
+from gateway.settings import Settings
+
+__all__ = ["Session"]
+
+Frame = dict[str, Any]
+
+
+def _ms(seconds: float) -> int:
+    return int(seconds * 1000)
+
+
+class Session:
+    """The state and rules of one authenticated connection."""
+
+    def __init__(
+        self,
+        *,
+        conn_id: str,
+        principal: Principal,
+        settings: Settings,
+        policy: RoomPolicy,
+        hub: Hub,
+        broker: Broker,
+        verifier: TokenVerifier,
+        clock: Callable[[], float] = time.time,
+        monotonic: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.conn_id = conn_id
+        self.principal = principal
+        self._settings = settings
+        self._policy = policy
+        self._hub = hub
+        self._broker = broker
+        self._verifier = verifier
+        self._clock = clock
+        self.outbox = Outbox(settings.send_queue_size, self._on_overflow)
+        self.joined: set[str] = set()
+        self._bucket = TokenBucket(settings.rate_per_second, settings.rate_burst, clock=monotonic)
+        window = settings.abuse_window_seconds
+        self._invalid = ViolationWindow(settings.max_invalid_messages, window, clock=monotonic)
+        self._rate_abuse = ViolationWindow(settings.max_rate_violations, window, clock=monotonic)
+        self.close_code: CloseCode | None = None
+        self.close_requested = asyncio.Event()
+        self.frames_in = 0
+        self.frames_out = 0
+
+    # -- identity, as the hub sees it -------------------------------------------------------
+
+    @property
+    def user_id(self) -> str:
+        return self.principal.user_id
+
+    @property
+    def member(self) -> Member:
+        return Member(id=self.principal.user_id, name=self.principal.name)
+
+    @property
+    def user(self) -> dict[str, str]:
+        return {"id": self.principal.user_id, "name": self.principal.name}
+
+    @property
+    def expires_at(self) -> float | None:
+        """When the current token expires (unix seconds); the transport closes 4001 then."""
+        return self.principal.expires_at
+
+    @property
+    def allowed_rooms(self) -> frozenset[str]:
+        return self._policy.allowed_rooms(self.principal.rooms)
+
+    def deliver(self, text: str) -> None:
+        """Queue an already-serialized frame (called by the hub for broadcasts)."""
+        if self.outbox.put(text):
+            self.frames_out += 1
+
+    def send(self, frame: Frame) -> None:
+        self.deliver(encode(frame))
+
+    def request_close(self, code: CloseCode) -> None:
+        """Ask the transport to close with ``code`` (the first request wins)."""
+        if self.close_code is None:
+            self.close_code = code
+        self.outbox.close()
+        self.close_requested.set()
+
+    def _on_overflow(self) -> None:
+        self.request_close(CloseCode.TOO_SLOW)
+
+    # -- the frame pipeline -----------------------------------------------------------------
+
+    def welcome(self) -> Frame:
+        expires = self.expires_at
+        return {
+            "type": "welcome",
+            "connection_id": self.conn_id,
+            "user": self.user,
+            "rooms": sorted(self.allowed_rooms),
+            "limits": {
+                "max_message_bytes": self._settings.max_message_bytes,
+                "max_chat_chars": MAX_CHAT_CHARS,
+                "rate_per_second": self._settings.rate_per_second,
+                "rate_burst": self._settings.rate_burst,
+            },
+            "expires_at": _ms(expires) if expires is not None else None,
+        }
+
+    async def handle_frame(self, data: str | bytes | None) -> None:
+        """Run one received frame through the pipeline.
+
+        Raises:
+            ConnectionClosing: the frame or the history of this connection ends it (1003,
+                1009, 1008, 4029); the transport sends the close frame.
+        """
+        self.frames_in += 1
+        try:
+            message = decode(data, self._settings.max_message_bytes)
+            wait_seconds = self._bucket.take()
+            if wait_seconds > 0:
+                raise MessageRejected(
+                    ErrorCode.RATE_LIMITED,
+                    "too many messages; slow down",
+                    ref=message.get("ref"),
+                    retry_after_ms=max(1, math.ceil(wait_seconds * 1000)),
+                )
+            await self._dispatch(message)
+        except MessageRejected as rejection:
+            self._reject(rejection)
+
+    def _reject(self, rejection: MessageRejected) -> None:
+        if rejection.code is ErrorCode.RATE_LIMITED:
+            if self._rate_abuse.record():
+                raise ConnectionClosing(CloseCode.RATE_ABUSE, "rate limit exceeded repeatedly")
+        elif self._invalid.record():
+            raise ConnectionClosing(CloseCode.POLICY_VIOLATION, f"repeated {rejection.code}")
+        self.send(rejection.to_frame())
+
+    async def _dispatch(self, message: Frame) -> None:
+        kind = message["type"]
+        ref: str | None = message.get("ref")
+        if kind == "chat":
+            await self._chat(message["room"], message["message"], ref)
+        elif kind == "typing":
+            await self._typing(message["room"], message["typing"], ref)
+        elif kind == "join":
+            await self._join(message["room"], ref)
+        elif kind == "leave":
+            await self._leave(message["room"], ref)
+        elif kind == "ping":
+            self.send(self._with_ref({"type": "pong", "ts": _ms(self._clock())}, ref))
+        elif kind == "refresh":
+            await self._refresh(message["token"], ref)
+        else:  # decode() admits only the types above; a new schema needs a handler here
+            raise AssertionError(f"no handler for {kind!r}")
+
+    @staticmethod
+    def _with_ref(frame: Frame, ref: str | None) -> Frame:
+        if ref is not None:
+            frame["ref"] = ref
+        return frame
+
+    def _require_joined(self, room: str, ref: str | None) -> None:
+        if room not in self.joined:
+            raise MessageRejected(
+                ErrorCode.NOT_JOINED, f"join room {room!r} first", ref=ref, pointer="/room"
+            )
+
+    # -- handlers ---------------------------------------------------------------------------
+
+    async def _join(self, room: str, ref: str | None) -> None:
+        if room not in self.allowed_rooms:
+            raise MessageRejected(
+                ErrorCode.FORBIDDEN_ROOM,
+                f"you may not join room {room!r}",
+                ref=ref,
+                pointer="/room",
+            )
+        if room in self.joined:
+            members = await self._broker.members(room)
+            self.send(self._joined(room, members, ref))
+            return
+        await self._hub.acquire(room)
+        try:
+            first = await self._broker.presence_add(room, self.member, self.conn_id)
+            members = await self._broker.members(room)
+        except BaseException:
+            await self._hub.release(room)
+            raise
+        # No await between attach and the reply: `joined` precedes the room's traffic.
+        self.joined.add(room)
+        self._hub.attach(room, self)
+        self.send(self._joined(room, members, ref))
+        if first:
+            await self._publish_presence(room, "join")
+
+    def _joined(self, room: str, members: list[Member], ref: str | None) -> Frame:
+        listing = [{"id": m.id, "name": m.name} for m in members]
+        return self._with_ref({"type": "joined", "room": room, "members": listing}, ref)
+
+    async def _leave(self, room: str, ref: str | None) -> None:
+        self._require_joined(room, ref)
+        await self._part(room)
+        self.send(self._with_ref({"type": "left", "room": room}, ref))
+
+    async def _part(self, room: str) -> None:
+        self.joined.discard(room)
+        self._hub.detach(room, self)
+        try:
+            last = await self._broker.presence_remove(room, self.user_id, self.conn_id)
+            if last:
+                await self._publish_presence(room, "leave")
+        finally:
+            await self._hub.release(room)
+
+    async def _publish_presence(self, room: str, event: str) -> None:
+        frame = {"type": "presence", "event": event, "room": room, "user": self.user}
+        await self._broker.publish(Envelope(room, encode(frame), skip_user=self.user_id))
+
+    async def _chat(self, room: str, text: str, ref: str | None) -> None:
+        self._require_joined(room, ref)
+        frame: Frame = {
+            "type": "chat",
+            "id": await self._broker.next_id(room),
+            "room": room,
+            "from": self.user,
+            "message": text,
+            "ts": _ms(self._clock()),
+        }
+        payload = encode(frame)
+        echo = encode({**frame, "ref": ref}) if ref is not None else None
+        envelope = Envelope(room, payload, echo_conn=self.conn_id, echo_payload=echo)
+        await self._broker.publish(envelope)
+
+    async def _typing(self, room: str, typing: bool, ref: str | None) -> None:
+        self._require_joined(room, ref)
+        frame = {"type": "typing", "room": room, "user": self.user, "typing": typing}
+        await self._broker.publish(Envelope(room, encode(frame), skip_user=self.user_id))
+
+    async def _refresh(self, token: str, ref: str | None) -> None:
+        try:
+            principal = await self._verifier.verify(token)
+        except AuthError as error:
+            raise MessageRejected(
+                ErrorCode.INVALID_MESSAGE,
+                f"refresh token rejected: {error.detail}",
+                ref=ref,
+                pointer="/token",
+            ) from None
+        if principal.user_id != self.principal.user_id:
+            raise MessageRejected(
+                ErrorCode.INVALID_MESSAGE,
+                "refresh token is for another user",
+                ref=ref,
+                pointer="/token",
+            )
+        self.principal = principal
+        # A new token may grant fewer rooms: leave those it no longer grants.
+        for room in sorted(self.joined - self.allowed_rooms):
+            await self._part(room)
+            self.send({"type": "left", "room": room})
+        expires = principal.expires_at
+        frame = {"type": "refreshed", "expires_at": _ms(expires) if expires is not None else None}
+        self.send(self._with_ref(frame, ref))
+
+    async def close(self) -> None:
+        """Leave every room (presence leave where this was the user's last connection)."""
+        self.outbox.close()
+        for room in sorted(self.joined):
+            await self._part(room)

@@ -1,0 +1,252 @@
+"""The transport edge: Quart routes, the upgrade checks, and the chat page.
+
+This is the only module (with app.py and server.py) that knows Quart. The upgrade is refused
+with a real HTTP response, before ``accept()``, in this order: connection attempts per address
+(429), origin (403), credentials (401), capacity (503) and open connections per user (429).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+import logging
+import re
+import secrets
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from quart import Blueprint, Response, request, send_from_directory, websocket
+
+from gateway.auth import Principal, TokenVerifier, extract_token, mint_token, origin_allowed
+from gateway.broker import Broker
+from gateway.connection import Socket, run_connection
+from gateway.errors import AuthError, HandshakeRejected
+from gateway.hub import Hub
+from gateway.protocol import encode
+from gateway.ratelimit import ConnectAttemptLimiter, ConnectionSlots
+from gateway.rooms import RoomPolicy
+from gateway.session import Session
+from gateway.settings import Settings
+
+__all__ = ["STATIC_DIR", "Services", "client_address", "create_blueprint"]
+
+log = logging.getLogger("gateway.web")
+
+STATIC_DIR = Path(__file__).resolve().parent.parent / "static"
+
+#: Rooms a development token grants beyond the open rooms.
+DEV_TOKEN_ROOMS = ("dev", "random")
+_DEV_SUB = re.compile(r"^[A-Za-z0-9_.:@-]{1,128}$")
+
+SECURITY_HEADERS = {
+    "Content-Security-Policy": (
+        "default-src 'self'; connect-src 'self'; img-src 'self'; object-src 'none'; "
+        "base-uri 'none'; frame-ancestors 'none'; form-action 'self'"
+    ),
+    "X-Content-Type-Options": "nosniff",
+    "Referrer-Policy": "no-referrer",
+    "X-Frame-Options": "DENY",
+    "Cache-Control": "no-store",
+}
+
+
+@dataclass(slots=True)
+class Services:
+    """Everything the routes need, built once by :func:`gateway.app.create_app`."""
+
+    settings: Settings
+    verifier: TokenVerifier
+    policy: RoomPolicy
+    broker: Broker
+    hub: Hub
+    attempts: ConnectAttemptLimiter
+    slots: ConnectionSlots
+    sessions: dict[str, Session] = field(default_factory=dict)
+    draining: bool = False
+
+
+def client_address(peer: str | None, forwarded_for: str | None, settings: Settings) -> str:
+    """The address to rate-limit and log: the peer, or with ``GATEWAY_TLS=proxy`` the nearest
+    address in ``X-Forwarded-For`` that is not a trusted proxy (a client can prepend anything).
+    """
+    address = peer or "unknown"
+    if settings.tls != "proxy" or not settings.trusted_proxies or not forwarded_for:
+        return address
+    networks = [ipaddress.ip_network(p, strict=False) for p in settings.trusted_proxies]
+
+    def trusted(value: str) -> bool:
+        try:
+            ip = ipaddress.ip_address(value)
+        except ValueError:
+            return False
+        return any(ip in network for network in networks)
+
+    if not trusted(address):
+        return address
+    for hop in reversed([h.strip() for h in forwarded_for.split(",")]):
+        if not trusted(hop):
+            try:
+                return str(ipaddress.ip_address(hop))
+            except ValueError:
+                return address
+    return address
+
+
+def _json_response(status: int, body: dict[str, object], headers: dict[str, str]) -> Response:
+    response = Response(encode(body), status=status, content_type="application/json")
+    response.headers.update(SECURITY_HEADERS)
+    response.headers.update(headers)
+    return response
+
+
+def _rejection(error: HandshakeRejected) -> Response:
+    return _json_response(
+        error.status, {"error": error.error, "detail": error.detail}, error.headers
+    )
+
+
+def create_blueprint(services: Services) -> Blueprint:
+    settings = services.settings
+    bp = Blueprint("gateway", __name__)
+
+    @bp.after_app_request
+    async def security_headers(response: Response) -> Response:
+        for name, value in SECURITY_HEADERS.items():
+            response.headers.setdefault(name, value)
+        if settings.is_production:
+            response.headers.setdefault("Strict-Transport-Security", "max-age=31536000")
+        return response
+
+    @bp.route("/")
+    async def index() -> Response:
+        return await send_from_directory(STATIC_DIR, "index.html")
+
+    @bp.route("/healthz")
+    async def healthz() -> Response:
+        return _json_response(200, {"status": "ok"}, {})
+
+    if settings.dev_token_endpoint:
+
+        @bp.route("/dev/token", methods=["POST"])
+        async def dev_token() -> Response:
+            body = await request.get_json(force=True, silent=True)
+            name = body.get("name") if isinstance(body, dict) else None
+            sub = body.get("sub") if isinstance(body, dict) else None
+            ttl = body.get("ttl_seconds", 3600) if isinstance(body, dict) else 3600
+            if not isinstance(name, str) or not 1 <= len(name.strip()) <= 64:
+                return _json_response(
+                    400, {"error": "invalid_request", "detail": "name: 1 to 64 characters"}, {}
+                )
+            if sub is None:
+                sub = "u-" + secrets.token_hex(6)
+            if not isinstance(sub, str) or not _DEV_SUB.match(sub):
+                return _json_response(
+                    400,
+                    {"error": "invalid_request", "detail": "sub: 1 to 128 of A-Z a-z 0-9 _.:@-"},
+                    {},
+                )
+            if isinstance(ttl, bool) or not isinstance(ttl, int) or not 5 <= ttl <= 86400:
+                return _json_response(
+                    400, {"error": "invalid_request", "detail": "ttl_seconds: 5 to 86400"}, {}
+                )
+            now = time.time()
+            token = mint_token(
+                settings,
+                sub=sub,
+                name=name.strip(),
+                rooms=DEV_TOKEN_ROOMS,
+                ttl_seconds=ttl,
+                now=now,
+            )
+            rooms = sorted(services.policy.allowed_rooms(DEV_TOKEN_ROOMS))
+            user = {"id": sub, "name": name.strip()}
+            body_out = {
+                "token": token,
+                "user": user,
+                "rooms": rooms,
+                "expires_at": int((now + ttl) * 1000),
+            }
+            return _json_response(200, body_out, {})
+
+    @bp.websocket("/ws")
+    async def ws() -> Response | None:
+        peer = websocket.remote_addr
+        address = client_address(peer, websocket.headers.get("X-Forwarded-For"), settings)
+        try:
+            principal = await _check_upgrade(services, address)
+        except HandshakeRejected as rejection:
+            reason = rejection.reason if isinstance(rejection, AuthError) else rejection.error
+            log.info(
+                "upgrade rejected",
+                extra={"client": address, "status": rejection.status, "reason": reason},
+            )
+            return _rejection(rejection)
+        conn_id = secrets.token_urlsafe(9)
+        session = Session(
+            conn_id=conn_id,
+            principal=principal,
+            settings=settings,
+            policy=services.policy,
+            hub=services.hub,
+            broker=services.broker,
+            verifier=services.verifier,
+        )
+        started = time.monotonic()
+        code = None
+        try:
+            services.sessions[conn_id] = session
+            await websocket.accept()
+            log.info(
+                "connection accepted",
+                extra={"conn_id": conn_id, "user_id": principal.user_id, "client": address},
+            )
+            socket = Socket(websocket.receive, websocket.send, websocket.close)
+            code = await run_connection(socket, session)
+        finally:
+            services.sessions.pop(conn_id, None)
+            services.slots.release(principal.user_id)
+            await asyncio.shield(_leave_all(session))
+            log.info(
+                "connection closed",
+                extra={
+                    "conn_id": conn_id,
+                    "user_id": principal.user_id,
+                    "client": address,
+                    "close_code": int(code) if code is not None else None,
+                    "duration_seconds": round(time.monotonic() - started, 3),
+                },
+            )
+        return None
+
+    return bp
+
+
+async def _leave_all(session: Session) -> None:
+    try:
+        await session.close()
+    except Exception:
+        log.exception("leaving rooms failed", extra={"conn_id": session.conn_id})
+
+
+async def _check_upgrade(services: Services, address: str) -> Principal:
+    """Every check before the upgrade, cheapest first; raises :class:`HandshakeRejected`."""
+    settings = services.settings
+    if services.draining:
+        raise HandshakeRejected(
+            503, "shutting_down", "the server is shutting down", {"Retry-After": "5"}
+        )
+    wait_seconds = await services.attempts.hit(address)
+    if wait_seconds is not None:
+        raise HandshakeRejected(
+            429,
+            "too_many_attempts",
+            "too many connection attempts from this address",
+            {"Retry-After": str(max(1, int(wait_seconds + 0.999)))},
+        )
+    if not origin_allowed(websocket.headers.get("Origin"), settings):
+        raise HandshakeRejected(403, "origin_not_allowed", "this origin may not connect")
+    token = extract_token(websocket.headers.get("Authorization"), websocket.query_string)
+    principal = await services.verifier.verify(token)
+    services.slots.acquire(principal.user_id)
+    return principal

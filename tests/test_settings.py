@@ -1,0 +1,169 @@
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from gateway.settings import Secret, SettingsError, load_settings
+
+STRONG = "s" * 48
+
+
+def prod_env(tmp_path: Path, **extra: str) -> dict[str, str]:
+    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
+    cert.write_text("cert")
+    key.write_text("key")
+    env = {
+        "GATEWAY_ENV": "production",
+        "GATEWAY_JWT_SECRET": STRONG,
+        "GATEWAY_TLS_CERT_FILE": str(cert),
+        "GATEWAY_TLS_KEY_FILE": str(key),
+        "GATEWAY_ALLOWED_ORIGINS": "https://chat.example.com",
+    }
+    env.update(extra)
+    return env
+
+
+def problems(env: dict[str, str]) -> list[str]:
+    with pytest.raises(SettingsError) as caught:
+        load_settings(env)
+    return caught.value.problems
+
+
+def test_development_defaults(tmp_path: Path) -> None:
+    settings = load_settings({"GATEWAY_JWT_SECRET": "dev"})
+    assert settings.env == "development"
+    assert (settings.host, settings.port) == ("127.0.0.1", 3001)
+    assert settings.tls == "on"
+    assert settings.open_rooms == ("lobby",)
+    assert settings.max_message_bytes == 16 * 1024
+    assert settings.broker_url == "memory://"
+    assert settings.dev_token_endpoint is True
+    assert settings.permessage_deflate is False
+    assert settings.backlog >= 1024
+    assert settings.jwt_algorithms == ("HS256",)
+
+
+def test_secret_is_masked_everywhere() -> None:
+    settings = load_settings({"GATEWAY_JWT_SECRET": "hunter2-hunter2"})
+    assert "hunter2" not in repr(settings)
+    assert "hunter2" not in str(settings.jwt_secret)
+    assert settings.jwt_secret == Secret("hunter2-hunter2")
+    assert settings.jwt_secret is not None and settings.jwt_secret.get() == "hunter2-hunter2"
+
+
+def test_development_reads_the_dev_secret_file(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "certs").mkdir()
+    (tmp_path / "certs" / "dev-jwt-secret").write_text("from-the-file\n")
+    settings = load_settings({})
+    assert settings.jwt_secret == Secret("from-the-file")
+
+
+def test_production_accepts_a_complete_configuration(tmp_path: Path) -> None:
+    settings = load_settings(prod_env(tmp_path))
+    assert settings.is_production
+    assert settings.dev_token_endpoint is False
+    assert settings.allowed_origins == ("https://chat.example.com",)
+
+
+@pytest.mark.parametrize(
+    ("secret", "needle"),
+    [("short-secret", "shorter than 32 bytes"), ("your-256-bit-secret", "well-known default")],
+)
+def test_production_refuses_weak_secrets(tmp_path: Path, secret: str, needle: str) -> None:
+    found = problems(prod_env(tmp_path, GATEWAY_JWT_SECRET=secret))
+    assert any(needle in p for p in found), found
+
+
+def test_production_reports_every_problem_at_once(tmp_path: Path) -> None:
+    env = {
+        "GATEWAY_ENV": "production",
+        "GATEWAY_JWT_SECRET": "changeme",
+        "GATEWAY_DEV_TOKEN_ENDPOINT": "true",
+        "GATEWAY_PORT": "http",
+    }
+    found = problems(env)
+    text = "\n".join(found)
+    for needle in (
+        "shorter than 32",
+        "well-known default",
+        "GATEWAY_TLS_CERT_FILE is required",
+        "GATEWAY_TLS_KEY_FILE is required",
+        "GATEWAY_DEV_TOKEN_ENDPOINT must be off",
+        "GATEWAY_ALLOWED_ORIGINS is required",
+        "GATEWAY_PORT='http'",
+    ):
+        assert needle in text, text
+    assert "changeme" not in text  # a secret never appears in an error
+
+
+def test_production_with_missing_tls_files(tmp_path: Path) -> None:
+    env = prod_env(tmp_path, GATEWAY_TLS_CERT_FILE=str(tmp_path / "nope.pem"))
+    assert any("does not exist" in p for p in problems(env))
+
+
+def test_production_behind_a_tls_proxy_needs_no_certificate(tmp_path: Path) -> None:
+    env = prod_env(tmp_path, GATEWAY_TLS="proxy", GATEWAY_TRUSTED_PROXIES="10.0.0.0/8")
+    del env["GATEWAY_TLS_CERT_FILE"], env["GATEWAY_TLS_KEY_FILE"]
+    settings = load_settings(env)
+    assert settings.tls == "proxy"
+    assert settings.trusted_proxies == ("10.0.0.0/8",)
+
+
+@pytest.mark.parametrize(
+    ("name", "value"),
+    [
+        ("GATEWAY_PORT", "70000"),
+        ("GATEWAY_MAX_MESSAGE_BYTES", "-1"),
+        ("GATEWAY_RATE_PER_SECOND", "nan"),
+        ("GATEWAY_RATE_BURST", "0"),
+        ("GATEWAY_BACKLOG", "100"),
+        ("GATEWAY_ENV", "staging"),
+        ("GATEWAY_TLS", "off"),
+        ("GATEWAY_CONNECT_RATE", "lots"),
+        ("GATEWAY_BROKER_URL", "amqp://x"),
+        ("GATEWAY_ALLOWED_ORIGINS", "https://ok.example,chat.example.com"),
+        ("GATEWAY_ALLOWED_ORIGINS", "https://chat.example.com/path"),
+        ("GATEWAY_OPEN_ROOMS", "lobby,has space"),
+        ("GATEWAY_JWT_ALGORITHMS", "none"),
+        ("GATEWAY_JWT_ALGORITHMS", "HS256,RS256"),
+        ("GATEWAY_TRUSTED_PROXIES", "not-an-ip"),
+        ("GATEWAY_LOG_LEVEL", "LOUD"),
+        ("GATEWAY_PERMESSAGE_DEFLATE", "maybe"),
+    ],
+)
+def test_bad_values_are_reported_by_name(name: str, value: str) -> None:
+    found = problems({"GATEWAY_JWT_SECRET": "dev", name: value})
+    assert any(name in p or "GATEWAY_JWT" in p for p in found), found
+
+
+def test_public_key_algorithms_need_a_key(tmp_path: Path) -> None:
+    found = problems({"GATEWAY_JWT_ALGORITHMS": "RS256", "GATEWAY_JWT_SECRET_FILE": ""})
+    assert any("GATEWAY_JWT_PUBLIC_KEY_FILE or GATEWAY_JWT_JWKS_URL" in p for p in found)
+    key = tmp_path / "key.pem"
+    key.write_text("-----BEGIN PUBLIC KEY-----\n")
+    settings = load_settings({"GATEWAY_JWT_PUBLIC_KEY_FILE": str(key)})
+    assert settings.jwt_algorithms == ("RS256", "ES256", "EdDSA")
+    assert settings.public_key_algorithms == ("RS256", "ES256", "EdDSA")
+    assert settings.secret_algorithms == ()
+
+
+def test_production_jwks_must_be_https(tmp_path: Path) -> None:
+    env = prod_env(tmp_path, GATEWAY_JWT_JWKS_URL="http://idp.example/jwks.json")
+    del env["GATEWAY_JWT_SECRET"]
+    assert any("https" in p for p in problems(env))
+
+
+def test_lists_are_trimmed() -> None:
+    settings = load_settings(
+        {
+            "GATEWAY_JWT_SECRET": "dev",
+            "GATEWAY_OPEN_ROOMS": " lobby , general ,,",
+            "GATEWAY_ALLOWED_ORIGINS": "https://a.example, https://b.example:8443",
+        }
+    )
+    assert settings.open_rooms == ("lobby", "general")
+    assert settings.allowed_origins == ("https://a.example", "https://b.example:8443")
