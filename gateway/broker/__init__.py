@@ -1,0 +1,50 @@
+"""Fan-out between connections and instances, chosen by URL scheme.
+
+``memory://`` is one process (:class:`~gateway.broker.memory.MemoryBroker`); ``redis://`` and
+``rediss://`` are meant for several instances sharing a Redis (``gateway.broker.redis``,
+imported only when asked for, so the redis package stays optional).
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import cast
+from urllib.parse import urlsplit
+
+from gateway.broker.base import Broker, Deliver, Envelope, Member
+from gateway.broker.memory import MemoryBroker
+
+__all__ = ["Broker", "Deliver", "Envelope", "Member", "MemoryBroker", "create_broker"]
+
+_REDIS_MODULE = "gateway.broker.redis"
+
+
+def create_broker(url: str) -> Broker:
+    """The broker for ``url`` (GATEWAY_BROKER_URL).
+
+    Args:
+        url: ``memory://``, or ``redis://host:port/db`` / ``rediss://...``.
+
+    Raises:
+        ValueError: on another scheme, or when the Redis broker cannot be loaded. The URL
+            itself is never repeated in the message: it may carry a password.
+    """
+    scheme = urlsplit(url).scheme
+    if scheme == "memory":
+        return MemoryBroker()
+    if scheme in ("redis", "rediss"):
+        try:
+            module = importlib.import_module(_REDIS_MODULE)
+        except ModuleNotFoundError as exc:
+            if exc.name == _REDIS_MODULE:
+                raise ValueError(
+                    "the redis broker is not available in this version of the gateway; "
+                    "use GATEWAY_BROKER_URL=memory:// (a single instance)"
+                ) from None
+            if exc.name is not None and exc.name.partition(".")[0] == "redis":
+                raise ValueError(
+                    "the redis broker needs the redis package: pip install 'gateway[redis]'"
+                ) from None
+            raise
+        return cast(Broker, module.RedisBroker(url))
+    raise ValueError(f"broker URL must be memory:// or redis://, not {scheme or '(none)'}://")

@@ -1,0 +1,118 @@
+"""The in-process broker: the default, for one process (``memory://``).
+
+State is bounded by what is live: a room's presence entry disappears when its last
+connection leaves, and a subscription when the hub unsubscribes. The chat id counters are
+the exception: they stay, one int per room ever chatted in, so ids never restart at 1 while
+the process lives (clients may use them to drop duplicates). Rooms are those the policy
+allows, so the set is bounded by configuration and token grants, not by clients.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from gateway.broker.base import Broker, Deliver, Envelope, Member
+
+__all__ = ["MemoryBroker"]
+
+logger = logging.getLogger(__name__)
+
+
+class _Presence:
+    """One user in one room: who they are, and their connections there."""
+
+    __slots__ = ("conns", "member")
+
+    def __init__(self, member: Member) -> None:
+        self.member = member
+        self.conns: set[str] = set()
+
+
+class MemoryBroker(Broker):
+    """Delivers synchronously, in publish order, to this process's ``deliver``."""
+
+    def __init__(self) -> None:
+        self._deliver: Deliver | None = None
+        self._subscribed: set[str] = set()
+        self._ids: dict[str, int] = {}
+        self._presence: dict[str, dict[str, _Presence]] = {}  # room -> user id -> presence
+
+    @property
+    def presence_rooms(self) -> int:
+        """Rooms with at least one connection present (a gauge; 0 when everyone left)."""
+        return len(self._presence)
+
+    @property
+    def subscribed_rooms(self) -> int:
+        return len(self._subscribed)
+
+    async def start(self, deliver: Deliver) -> None:
+        if self._deliver is not None:
+            raise RuntimeError("the broker is already started")
+        self._deliver = deliver
+
+    async def close(self) -> None:
+        self._deliver = None
+        self._subscribed.clear()
+
+    async def subscribe(self, room: str) -> None:
+        self._subscribed.add(room)
+
+    async def unsubscribe(self, room: str) -> None:
+        self._subscribed.discard(room)
+
+    async def publish(self, envelope: Envelope) -> None:
+        """Deliver ``envelope`` now if its room is subscribed.
+
+        A failing ``deliver`` is logged, not raised: the publisher is some other connection,
+        which must not pay for it.
+
+        Raises:
+            RuntimeError: when the broker is not started (or closed).
+        """
+        deliver = self._deliver
+        if deliver is None:
+            raise RuntimeError("the broker is not started")
+        if envelope.room not in self._subscribed:
+            return
+        try:
+            deliver(envelope)
+        except Exception:
+            logger.exception("delivering to room %s failed", envelope.room)
+
+    async def next_id(self, room: str) -> int:
+        value = self._ids.get(room, 0) + 1
+        self._ids[room] = value
+        return value
+
+    async def presence_add(self, room: str, member: Member, conn_id: str) -> bool:
+        """See :meth:`Broker.presence_add`. A user's first recorded ``Member`` is kept."""
+        users = self._presence.setdefault(room, {})
+        presence = users.get(member.id)
+        first = presence is None
+        if presence is None:
+            presence = users[member.id] = _Presence(member)
+        presence.conns.add(conn_id)
+        return first
+
+    async def presence_remove(self, room: str, user_id: str, conn_id: str) -> bool:
+        users = self._presence.get(room)
+        if users is None:
+            return False
+        presence = users.get(user_id)
+        if presence is None or conn_id not in presence.conns:
+            return False
+        presence.conns.discard(conn_id)
+        if presence.conns:
+            return False
+        del users[user_id]
+        if not users:
+            del self._presence[room]
+        return True
+
+    async def members(self, room: str) -> list[Member]:
+        users = self._presence.get(room, {})
+        return [users[user_id].member for user_id in sorted(users)]
+
+    async def healthy(self) -> bool:
+        return self._deliver is not None

@@ -1,0 +1,354 @@
+"""Tests for gateway.broker. The behaviour tests take a started broker built from a URL, so the
+same bodies run against every backend: add its URL to ``broker_url``'s params."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import AsyncIterator
+
+import orjson
+import pytest
+
+from gateway.broker import Broker, Envelope, Member, MemoryBroker, create_broker
+
+ALICE = Member("u-alice", "Alice")
+BOB = Member("u-bob", "Bob")
+CAROL = Member("u-carol", "Carol")
+
+
+class Inbox:
+    def __init__(self) -> None:
+        self.envelopes: list[Envelope] = []
+        self._arrived = asyncio.Event()
+
+    def __call__(self, envelope: Envelope) -> None:
+        self.envelopes.append(envelope)
+        self._arrived.set()
+
+    def payloads(self, room: str | None = None) -> list[str]:
+        return [e.payload for e in self.envelopes if room is None or e.room == room]
+
+    async def wait_for(self, count: int) -> None:
+        """Until ``count`` envelopes arrived (at once for memory://; bounded for networks)."""
+        async with asyncio.timeout(5):
+            while len(self.envelopes) < count:
+                self._arrived.clear()
+                await self._arrived.wait()
+
+
+@pytest.fixture(params=["memory://"])
+def broker_url(request: pytest.FixtureRequest) -> str:
+    url: str = request.param
+    return url
+
+
+@pytest.fixture
+async def inbox() -> Inbox:
+    return Inbox()
+
+
+@pytest.fixture
+async def broker(broker_url: str, inbox: Inbox) -> AsyncIterator[Broker]:
+    b = create_broker(broker_url)
+    await b.start(inbox)
+    try:
+        yield b
+    finally:
+        await b.close()
+
+
+# --- chat ids ----------------------------------------------------------------------------
+
+
+async def test_ids_count_from_one_per_room(broker: Broker) -> None:
+    assert [await broker.next_id("a") for _ in range(3)] == [1, 2, 3]
+    assert await broker.next_id("b") == 1
+    assert await broker.next_id("a") == 4
+
+
+async def test_ids_are_unique_under_concurrency(broker: Broker) -> None:
+    ids = await asyncio.gather(*(broker.next_id("race") for _ in range(200)))
+    assert sorted(ids) == list(range(1, 201))
+
+
+async def test_ids_do_not_restart_when_the_room_empties(broker: Broker) -> None:
+    await broker.presence_add("r", ALICE, "c1")
+    assert await broker.next_id("r") == 1
+    await broker.presence_remove("r", ALICE.id, "c1")
+    assert await broker.next_id("r") == 2
+
+
+# --- presence ----------------------------------------------------------------------------
+
+
+async def test_first_and_last_connection_of_a_user(broker: Broker) -> None:
+    assert await broker.presence_add("r", ALICE, "c1") is True
+    assert await broker.presence_add("r", ALICE, "c2") is False  # second tab: no new join
+    assert await broker.members("r") == [ALICE]
+    assert await broker.presence_remove("r", ALICE.id, "c1") is False  # c2 is still there
+    assert await broker.members("r") == [ALICE]
+    assert await broker.presence_remove("r", ALICE.id, "c2") is True
+    assert await broker.members("r") == []
+
+
+async def test_presence_is_per_room(broker: Broker) -> None:
+    assert await broker.presence_add("r1", ALICE, "c1") is True
+    assert await broker.presence_add("r2", ALICE, "c1") is True  # same connection, other room
+    assert await broker.presence_add("r2", ALICE, "c2") is False
+    assert await broker.presence_remove("r1", ALICE.id, "c1") is True
+    assert await broker.members("r2") == [ALICE]
+    assert await broker.presence_remove("r2", ALICE.id, "c1") is False
+    assert await broker.presence_remove("r2", ALICE.id, "c2") is True
+
+
+async def test_adding_the_same_connection_twice_is_one_connection(broker: Broker) -> None:
+    assert await broker.presence_add("r", ALICE, "c1") is True
+    assert await broker.presence_add("r", ALICE, "c1") is False
+    assert await broker.presence_remove("r", ALICE.id, "c1") is True
+    assert await broker.members("r") == []
+
+
+async def test_unknown_removals_are_false_and_harmless(broker: Broker) -> None:
+    assert await broker.presence_remove("nowhere", ALICE.id, "c1") is False
+    await broker.presence_add("r", ALICE, "c1")
+    assert await broker.presence_remove("r", BOB.id, "c1") is False  # another user's conn id
+    assert await broker.presence_remove("r", ALICE.id, "c9") is False  # unknown conn
+    assert await broker.members("r") == [ALICE]
+    assert await broker.presence_remove("r", ALICE.id, "c1") is True
+    assert await broker.presence_remove("r", ALICE.id, "c1") is False  # twice
+
+
+async def test_one_user_cannot_remove_another(broker: Broker) -> None:
+    await broker.presence_add("r", ALICE, "shared-id")
+    await broker.presence_add("r", BOB, "shared-id")
+    assert await broker.presence_remove("r", BOB.id, "shared-id") is True
+    assert await broker.members("r") == [ALICE]
+
+
+async def test_members_sorted_by_id_one_per_user(broker: Broker) -> None:
+    await broker.presence_add("r", CAROL, "c3")
+    await broker.presence_add("r", ALICE, "c1")
+    await broker.presence_add("r", BOB, "c2")
+    await broker.presence_add("r", ALICE, "c4")
+    assert await broker.members("r") == [ALICE, BOB, CAROL]
+    assert await broker.members("empty") == []
+
+
+async def test_members_with_unicode_and_lookalike_ids(broker: Broker) -> None:
+    a = Member("ü", "Ünï 😀")
+    b = Member("u", "plain")
+    await broker.presence_add("r", a, "c1")
+    await broker.presence_add("r", b, "c2")
+    assert await broker.members("r") == [b, a]
+
+
+# --- fan-out -----------------------------------------------------------------------------
+
+
+async def test_publish_delivers_in_order_to_subscribed_rooms(broker: Broker, inbox: Inbox) -> None:
+    await broker.subscribe("r")
+    for i in range(50):
+        await broker.publish(Envelope("r", f'{{"n":{i}}}'))
+    await inbox.wait_for(50)
+    assert inbox.payloads("r") == [f'{{"n":{i}}}' for i in range(50)]
+
+
+async def test_unsubscribed_rooms_are_not_delivered(broker: Broker, inbox: Inbox) -> None:
+    await broker.subscribe("yes")
+    await broker.publish(Envelope("no", "dropped"))
+    await broker.publish(Envelope("yes", "kept"))
+    await inbox.wait_for(1)
+    await broker.unsubscribe("yes")
+    await broker.publish(Envelope("yes", "after unsubscribe"))
+    await broker.subscribe("marker")
+    await broker.publish(Envelope("marker", "end"))  # once this arrives, nothing else will
+    await inbox.wait_for(2)
+    assert inbox.payloads() == ["kept", "end"]
+
+
+async def test_envelope_fields_arrive_intact(broker: Broker, inbox: Inbox) -> None:
+    await broker.subscribe("r")
+    sent = Envelope("r", '{"m":"é😀"}', skip_user="u1", echo_conn="c1", echo_payload='{"ref":1}')
+    await broker.publish(sent)
+    await inbox.wait_for(1)
+    assert inbox.envelopes == [sent]
+
+
+async def test_unsubscribe_of_unknown_room_is_harmless(broker: Broker) -> None:
+    await broker.unsubscribe("never")
+    assert await broker.healthy() is True
+
+
+# --- MemoryBroker specifics --------------------------------------------------------------
+
+
+async def test_memory_state_returns_to_empty_after_everyone_leaves() -> None:
+    broker = MemoryBroker()
+    await broker.start(Inbox())
+    for room in ("r1", "r2", "r3"):
+        await broker.subscribe(room)
+        for user in (ALICE, BOB):
+            for conn in ("c1", "c2"):
+                await broker.presence_add(room, user, f"{user.id}-{conn}")
+    assert broker.presence_rooms == 3
+    for room in ("r1", "r2", "r3"):
+        for user in (ALICE, BOB):
+            for conn in ("c1", "c2"):
+                await broker.presence_remove(room, user.id, f"{user.id}-{conn}")
+        await broker.unsubscribe(room)
+    assert broker.presence_rooms == 0
+    assert broker.subscribed_rooms == 0
+    assert broker._presence == {}
+    await broker.close()
+
+
+async def test_memory_failed_removals_create_no_state() -> None:
+    broker = MemoryBroker()
+    await broker.start(Inbox())
+    for i in range(100):
+        await broker.presence_remove(f"room{i}", "u", "c")
+        await broker.members(f"room{i}")
+    assert broker.presence_rooms == 0
+    await broker.close()
+
+
+async def test_memory_publish_before_start_or_after_close_raises() -> None:
+    broker = MemoryBroker()
+    with pytest.raises(RuntimeError):
+        await broker.publish(Envelope("r", "x"))
+    await broker.start(Inbox())
+    assert await broker.healthy() is True
+    await broker.close()
+    await broker.close()  # twice is fine
+    assert await broker.healthy() is False
+    with pytest.raises(RuntimeError):
+        await broker.publish(Envelope("r", "x"))
+
+
+async def test_memory_start_twice_raises() -> None:
+    broker = MemoryBroker()
+    await broker.start(Inbox())
+    with pytest.raises(RuntimeError):
+        await broker.start(Inbox())
+    await broker.close()
+
+
+async def test_memory_failing_deliver_does_not_hit_the_publisher(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    seen: list[str] = []
+
+    def deliver(envelope: Envelope) -> None:
+        seen.append(envelope.payload)
+        if envelope.payload == "boom":
+            raise RuntimeError("bug in a recipient")
+
+    broker = MemoryBroker()
+    await broker.start(deliver)
+    await broker.subscribe("r")
+    with caplog.at_level(logging.ERROR, logger="gateway.broker.memory"):
+        await broker.publish(Envelope("r", "boom"))
+    await broker.publish(Envelope("r", "next"))
+    assert seen == ["boom", "next"]
+    assert "delivering to room r failed" in caplog.text
+    await broker.close()
+
+
+async def test_memory_keeps_the_first_member_record_of_a_user() -> None:
+    broker = MemoryBroker()
+    await broker.start(Inbox())
+    await broker.presence_add("r", Member("u", "First"), "c1")
+    await broker.presence_add("r", Member("u", "Second"), "c2")
+    assert await broker.members("r") == [Member("u", "First")]
+    await broker.close()
+
+
+# --- create_broker -----------------------------------------------------------------------
+
+
+def test_create_broker_memory() -> None:
+    assert isinstance(create_broker("memory://"), MemoryBroker)
+
+
+@pytest.mark.parametrize("url", ["redis://localhost:6379/0", "rediss://:pw@cache:6380/1"])
+def test_create_broker_redis_is_a_clear_error_for_now(url: str) -> None:
+    with pytest.raises(ValueError, match="redis broker") as info:
+        create_broker(url)
+    assert ":pw@" not in str(info.value)
+
+
+@pytest.mark.parametrize(
+    "url", ["", "memory", "kafka://k", "http://x", "REDIS+evil://", "amqp://u:secret@h"]
+)
+def test_create_broker_refuses_other_urls(url: str) -> None:
+    with pytest.raises(ValueError) as info:
+        create_broker(url)
+    assert "secret" not in str(info.value)
+
+
+# --- Envelope ----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "envelope",
+    [
+        Envelope("r", "{}"),
+        Envelope("room:1", '{"message":"héllo 😀 \\u0000 ☃"}', skip_user="ü"),
+        Envelope("r", "x", echo_conn="c1", echo_payload="y"),
+        Envelope("r", "x", skip_user="u", echo_conn="c", echo_payload='"\u2028"'),
+        Envelope("r", ""),
+        Envelope("r", '\x00\n"\\'),
+    ],
+)
+def test_envelope_round_trip(envelope: Envelope) -> None:
+    data = envelope.to_bytes()
+    assert isinstance(data, bytes)
+    assert Envelope.from_bytes(data) == envelope
+
+
+def test_envelope_bytes_are_utf8_json() -> None:
+    data = Envelope("r", "😀").to_bytes()
+    assert orjson.loads(data) == {"room": "r", "payload": "😀"}
+    assert "😀".encode() in data
+
+
+def test_envelope_echo_fields_go_together() -> None:
+    with pytest.raises(ValueError):
+        Envelope("r", "x", echo_conn="c1")
+    with pytest.raises(ValueError):
+        Envelope("r", "x", echo_payload="y")
+
+
+def test_envelope_lone_surrogate_is_a_value_error() -> None:
+    with pytest.raises(ValueError):
+        Envelope("r", "\ud800").to_bytes()
+
+
+def test_envelope_ignores_unknown_fields() -> None:
+    data = b'{"room":"r","payload":"p","future":1}'
+    assert Envelope.from_bytes(data) == Envelope("r", "p")
+
+
+@pytest.mark.parametrize(
+    "data",
+    [
+        b"",
+        b"not json",
+        b"[]",
+        b'"r"',
+        b"{}",
+        b'{"room":"r"}',
+        b'{"payload":"p"}',
+        b'{"room":1,"payload":"p"}',
+        b'{"room":"r","payload":null}',
+        b'{"room":"r","payload":"p","skip_user":5}',
+        b'{"room":"r","payload":"p","echo_conn":"c"}',
+        b'{"room":"r","payload":"p","echo_payload":["x"]}',
+        b"\xff\xfe",
+        b'{"room":"r","payload":"\xed\xa0\x80"}',
+    ],
+)
+def test_envelope_from_bad_bytes_is_a_value_error(data: bytes) -> None:
+    with pytest.raises(ValueError):
+        Envelope.from_bytes(data)
