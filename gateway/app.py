@@ -7,11 +7,15 @@ connections open in ``before_serving`` and close in ``after_serving``, so tests 
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+
 from quart import Quart
 
 from gateway.auth import TokenVerifier
 from gateway.broker import create_broker
 from gateway.connection import BoundedWebsocketConnection
+from gateway.errors import CloseCode
 from gateway.hub import Hub
 from gateway.ratelimit import ConnectAttemptLimiter, ConnectionSlots
 from gateway.rooms import RoomPolicy
@@ -22,6 +26,8 @@ __all__ = ["SERVICES_KEY", "create_app"]
 
 #: Where the app keeps its :class:`~gateway.web.Services` (``app.extensions[SERVICES_KEY]``).
 SERVICES_KEY = "gateway"
+#: How long shutdown waits for open connections to close before it closes the broker.
+SHUTDOWN_CLOSE_SECONDS = 5.0
 
 
 def create_app(settings: Settings) -> Quart:
@@ -51,6 +57,13 @@ def create_app(settings: Settings) -> Quart:
 
     @app.after_serving
     async def stop() -> None:
+        # Connections still open leave their rooms through the broker: close them first.
+        for session in list(services.sessions.values()):
+            session.request_close(CloseCode.GOING_AWAY)
+        if services.sessions:
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(SHUTDOWN_CLOSE_SECONDS):
+                    await services.no_sessions.wait()
         await services.broker.close()
         await services.attempts.close()
 

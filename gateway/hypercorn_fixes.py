@@ -1,4 +1,4 @@
-"""Hypercorn 0.18's WebSocket stream, with three defects fixed for a public-facing gateway.
+"""Hypercorn 0.18, with the defects that matter to a public-facing gateway fixed.
 
 1. **permessage-deflate is accepted unconditionally** (``Handshake.accept`` hard-codes
    ``PerMessageDeflate()``). Every browser offers it; it costs CPU on every delivery, memory
@@ -12,34 +12,67 @@
    stops with events still queued and never ends the stream, so a client that keeps sending
    fragments holds the connection. Here the stream ends (the TCP connection is closed) right
    after the 1009 close frame.
+4. **A closed connection lingers** until its ping task wakes from a full ping interval (20 s
+   here), which also holds up a graceful shutdown. Here the ping task wakes when the stream
+   ends.
 
-:func:`install` points Hypercorn's HTTP/1.1 and HTTP/2 protocols at the fixed stream; server.py
-calls it before serving. ``pyproject.toml`` pins Hypercorn 0.18.*, and
-tests/e2e/test_frames.py proves each fix on a real socket, so an upgrade that changes these
-internals fails loudly.
+5. **A protocol error found by wsproto** (invalid UTF-8, a bad frame) ends the TCP connection
+   without a close frame, so the client never learns 1007 or 1002. Here the close frame is
+   sent first.
+6. **The access-log record carries every request header and the query string** in its
+   ``args`` (``AccessLogAtoms``), so an ``Authorization`` header or an ``access_token`` reaches
+   any handler that looks past the formatted line. :class:`SafeAccessLogger` hands the log
+   record only the atoms in :data:`SAFE_ACCESS_ATOMS`.
+7. **A TLS peer that sends data after our close_notify** makes ``TCPServer._close`` raise
+   ``ssl.SSLError`` out of the connection task: logged as an unhandled error per connection,
+   and at shutdown it escapes ``serve()`` and aborts the graceful stop. The connection is
+   closed either way; :class:`GatewayTCPServer` says so quietly.
+
+:func:`install` points Hypercorn's HTTP/1.1 and HTTP/2 protocols at the fixed stream and its
+asyncio runner at the fixed TCP server; server.py calls it and sets :class:`SafeAccessLogger`.
+``pyproject.toml`` pins Hypercorn 0.18.*, and the end-to-end tests (tests/e2e/) prove each fix
+on a real socket, so an upgrade that changes these internals fails loudly.
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import dataclasses
+import ssl
 from io import BytesIO, StringIO
 from typing import Any
 
+import hypercorn.asyncio.run
 import hypercorn.protocol.h2
 import hypercorn.protocol.h11
+from hypercorn.asyncio.tcp_server import TCPServer
+from hypercorn.logging import AccessLogAtoms, Logger
 from hypercorn.protocol.events import Event, Request, StreamClosed
 from hypercorn.protocol.ws_stream import FrameTooLargeError, WebsocketBuffer, WSStream
+from hypercorn.typing import ResponseSummary, WWWScope
 from wsproto.connection import ConnectionState
 from wsproto.events import CloseConnection, Message, Ping, TextMessage
 from wsproto.frame_protocol import CloseReason
 
-__all__ = ["ByteCountingBuffer", "GatewayWSStream", "install"]
+__all__ = [
+    "SAFE_ACCESS_ATOMS",
+    "ByteCountingBuffer",
+    "GatewayTCPServer",
+    "GatewayWSStream",
+    "SafeAccessLogger",
+    "install",
+]
+
+#: Access-log atoms that hold no credential: address, request line without the query string,
+#: status, sizes, timings. Not the headers, not ``R``/``Uq``/``q`` (query), not environ.
+SAFE_ACCESS_ATOMS = ("h", "r", "s", "st", "m", "U", "H", "S", "b", "B", "T", "D", "L")
 
 
-class ByteCountingBuffer(WebsocketBuffer):  # type: ignore[misc]
+class ByteCountingBuffer(WebsocketBuffer):
     """Hypercorn's message buffer, with the cap counted in UTF-8 bytes."""
 
-    def extend(self, event: Message) -> None:
+    def extend(self, event: Message[Any]) -> None:
         text = isinstance(event, TextMessage)
         if self.value is None:
             self.value = StringIO() if text else BytesIO()
@@ -49,20 +82,33 @@ class ByteCountingBuffer(WebsocketBuffer):  # type: ignore[misc]
             raise FrameTooLargeError()
 
 
-class GatewayWSStream(WSStream):  # type: ignore[misc]
-    """See the module docstring: no unrequested deflate, byte caps, and 1009 really closes."""
+class GatewayWSStream(WSStream):
+    """See the module docstring: no unrequested deflate, byte caps, 1009 really closes, no
+    lingering after close."""
 
     permessage_deflate = False
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.buffer = ByteCountingBuffer(self.config.websocket_max_message_size)
+        self._ended = asyncio.Event()
 
     async def handle(self, event: Event) -> None:
         if isinstance(event, Request) and not self.permessage_deflate:
             headers = [(n, v) for n, v in event.headers if n.lower() != b"sec-websocket-extensions"]
             event = dataclasses.replace(event, headers=headers)
         await super().handle(event)
+        if self.closed:
+            self._ended.set()
+
+    async def _send_pings(self) -> None:
+        # Hypercorn sleeps the whole interval between pings, so a closed connection's task
+        # (and with it the TCP server task) lingers up to GATEWAY_PING_INTERVAL_SECONDS and
+        # holds up shutdown: wake as soon as the stream ends.
+        while not self.closed:
+            await self._send_wsproto_event(Ping())
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._ended.wait(), self.config.websocket_ping_interval)
 
     async def _handle_events(self) -> None:
         # Hypercorn 0.18's loop, except that an over-cap message ends the stream.
@@ -78,6 +124,7 @@ class GatewayWSStream(WSStream):  # type: ignore[misc]
                     await self.send(StreamClosed(stream_id=self.stream_id))
                     return
                 if event.message_finished:
+                    assert self.app_put is not None  # set when the upgrade request arrived
                     await self.app_put(self.buffer.to_message())
                     self.buffer.clear()
             elif isinstance(event, Ping):
@@ -85,11 +132,37 @@ class GatewayWSStream(WSStream):  # type: ignore[misc]
             elif isinstance(event, CloseConnection):
                 if self.connection.state == ConnectionState.REMOTE_CLOSING:
                     await self._send_wsproto_event(event.response())
+                elif self.connection.state == ConnectionState.OPEN:
+                    # wsproto reports a protocol error it found (1007 invalid UTF-8, 1002) as
+                    # a close event without sending one; tell the client why (RFC 6455 7.1.7).
+                    await self._send_wsproto_event(
+                        CloseConnection(code=event.code, reason=event.reason)
+                    )
                 await self.send(StreamClosed(stream_id=self.stream_id))
 
 
+class GatewayTCPServer(TCPServer):
+    """Hypercorn's asyncio connection, closing quietly when the TLS peer misbehaves at the end."""
+
+    async def _close(self) -> None:
+        # The transport is closed whether or not the peer's close_notify dance was clean.
+        with contextlib.suppress(ssl.SSLError):
+            await super()._close()
+
+
+class SafeAccessLogger(Logger):
+    """Hypercorn's logger, with access-log records that carry no credential."""
+
+    def atoms(
+        self, request: WWWScope, response: ResponseSummary | None, request_time: float
+    ) -> dict[str, str]:
+        every = AccessLogAtoms(request, response, request_time)
+        return {name: every[name] for name in SAFE_ACCESS_ATOMS}
+
+
 def install(*, permessage_deflate: bool) -> None:
-    """Make Hypercorn's protocols build :class:`GatewayWSStream` for WebSocket upgrades."""
+    """Make Hypercorn use :class:`GatewayWSStream` and :class:`GatewayTCPServer`."""
     GatewayWSStream.permessage_deflate = permessage_deflate
     hypercorn.protocol.h11.WSStream = GatewayWSStream  # type: ignore[attr-defined]
     hypercorn.protocol.h2.WSStream = GatewayWSStream  # type: ignore[attr-defined]
+    hypercorn.asyncio.run.TCPServer = GatewayTCPServer  # type: ignore[attr-defined]

@@ -15,7 +15,7 @@ from hypercorn.asyncio import serve as hypercorn_serve
 from hypercorn.config import Config
 from quart import Quart
 
-from gateway import wsstream
+from gateway import hypercorn_fixes
 from gateway.app import create_app
 from gateway.settings import Settings
 
@@ -53,6 +53,7 @@ def build_config(settings: Settings, *, fd: int | None = None) -> Config:
     config.accesslog = logging.getLogger("gateway.access")
     config.errorlog = logging.getLogger("gateway.server")
     config.access_log_format = ACCESS_LOG_FORMAT
+    config.logger_class = hypercorn_fixes.SafeAccessLogger
     config.graceful_timeout = 5
     return config
 
@@ -62,10 +63,10 @@ async def serve(
     *,
     app: Quart | None = None,
     fd: int | None = None,
-    shutdown_trigger: Callable[[], Awaitable[None]] | None = None,
+    shutdown_trigger: Callable[[], Awaitable[object]] | None = None,
 ) -> None:
     """Run the gateway until ``shutdown_trigger`` returns (or SIGINT/SIGTERM without one)."""
-    wsstream.install(permessage_deflate=settings.permessage_deflate)
+    hypercorn_fixes.install(permessage_deflate=settings.permessage_deflate)
     config = build_config(settings, fd=fd)
     application = app if app is not None else create_app(settings)
     kwargs = {} if shutdown_trigger is None else {"shutdown_trigger": shutdown_trigger}

@@ -259,9 +259,14 @@ class Session:
             "message": text,
             "ts": _ms(self._clock()),
         }
-        payload = encode(frame)
-        echo = encode({**frame, "ref": ref}) if ref is not None else None
-        envelope = Envelope(room, payload, echo_conn=self.conn_id, echo_payload=echo)
+        envelope = Envelope(room, encode(frame))
+        if ref is not None:  # the sender's own copy carries its ref: the acknowledgement
+            envelope = Envelope(
+                room,
+                envelope.payload,
+                echo_conn=self.conn_id,
+                echo_payload=encode({**frame, "ref": ref}),
+            )
         await self._broker.publish(envelope)
 
     async def _typing(self, room: str, typing: bool, ref: str | None) -> None:

@@ -278,11 +278,11 @@ def load_settings(env: Mapping[str, str]) -> Settings:
             )
     open_rooms = r.listing("GATEWAY_OPEN_ROOMS", ("lobby",))
     for room in open_rooms:
-        if not _ROOM_NAME.match(room):
+        if not _ROOM_NAME.fullmatch(room):
             r.problems.append(f"GATEWAY_OPEN_ROOMS: {room!r} is not a valid room name")
 
     connect_rate = r.text("GATEWAY_CONNECT_RATE", "30/minute")
-    if not _LIMITS_NOTATION.match(connect_rate):
+    if not _LIMITS_NOTATION.fullmatch(connect_rate):
         r.problems.append(
             f"GATEWAY_CONNECT_RATE={connect_rate!r} is not in limits notation, like 20/minute"
         )

@@ -24,7 +24,7 @@ from gateway.connection import Socket, run_connection
 from gateway.errors import AuthError, HandshakeRejected
 from gateway.hub import Hub
 from gateway.protocol import encode
-from gateway.ratelimit import ConnectAttemptLimiter, ConnectionSlots
+from gateway.ratelimit import ConnectAttemptLimiter, ConnectionSlots, address_key
 from gateway.rooms import RoomPolicy
 from gateway.session import Session
 from gateway.settings import Settings
@@ -63,6 +63,8 @@ class Services:
     attempts: ConnectAttemptLimiter
     slots: ConnectionSlots
     sessions: dict[str, Session] = field(default_factory=dict)
+    #: Set while no connection is open (shutdown waits on it).
+    no_sessions: asyncio.Event = field(default_factory=asyncio.Event)
     draining: bool = False
 
 
@@ -140,7 +142,7 @@ def create_blueprint(services: Services) -> Blueprint:
                 )
             if sub is None:
                 sub = "u-" + secrets.token_hex(6)
-            if not isinstance(sub, str) or not _DEV_SUB.match(sub):
+            if not isinstance(sub, str) or not _DEV_SUB.fullmatch(sub):
                 return _json_response(
                     400,
                     {"error": "invalid_request", "detail": "sub: 1 to 128 of A-Z a-z 0-9 _.:@-"},
@@ -150,22 +152,25 @@ def create_blueprint(services: Services) -> Blueprint:
                 return _json_response(
                     400, {"error": "invalid_request", "detail": "ttl_seconds: 5 to 86400"}, {}
                 )
-            now = time.time()
-            token = mint_token(
-                settings,
-                sub=sub,
-                name=name.strip(),
-                rooms=DEV_TOKEN_ROOMS,
-                ttl_seconds=ttl,
-                now=now,
-            )
+            now = int(time.time())
+            try:
+                token = mint_token(
+                    settings,
+                    sub=sub,
+                    name=name.strip(),
+                    rooms=DEV_TOKEN_ROOMS,
+                    ttl_seconds=ttl,
+                    now=now,
+                )
+            except ValueError as error:
+                return _json_response(400, {"error": "invalid_request", "detail": str(error)}, {})
             rooms = sorted(services.policy.allowed_rooms(DEV_TOKEN_ROOMS))
             user = {"id": sub, "name": name.strip()}
             body_out = {
                 "token": token,
                 "user": user,
                 "rooms": rooms,
-                "expires_at": int((now + ttl) * 1000),
+                "expires_at": (now + ttl) * 1000,
             }
             return _json_response(200, body_out, {})
 
@@ -196,6 +201,7 @@ def create_blueprint(services: Services) -> Blueprint:
         code = None
         try:
             services.sessions[conn_id] = session
+            services.no_sessions.clear()
             await websocket.accept()
             log.info(
                 "connection accepted",
@@ -205,6 +211,8 @@ def create_blueprint(services: Services) -> Blueprint:
             code = await run_connection(socket, session)
         finally:
             services.sessions.pop(conn_id, None)
+            if not services.sessions:
+                services.no_sessions.set()
             services.slots.release(principal.user_id)
             await asyncio.shield(_leave_all(session))
             log.info(
@@ -236,7 +244,7 @@ async def _check_upgrade(services: Services, address: str) -> Principal:
         raise HandshakeRejected(
             503, "shutting_down", "the server is shutting down", {"Retry-After": "5"}
         )
-    wait_seconds = await services.attempts.hit(address)
+    wait_seconds = await services.attempts.hit(address_key(address))
     if wait_seconds is not None:
         raise HandshakeRejected(
             429,

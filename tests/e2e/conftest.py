@@ -113,7 +113,6 @@ class Client:
             with contextlib.suppress(websockets.ConnectionClosed):
                 while True:
                     await self.ws.recv()
-        assert self.ws.close_code is not None or self.ws.close_rcvd is None
         return self.ws.close_code
 
     async def close(self) -> None:
