@@ -25,7 +25,6 @@ __all__ = [
     "GatewayError",
     "HandshakeRejected",
     "MessageRejected",
-    "should_reconnect",
 ]
 
 
@@ -59,11 +58,6 @@ CLOSE_REASONS: dict[CloseCode, str] = {
     CloseCode.TOO_SLOW: "too slow to keep up",
     CloseCode.RATE_ABUSE: "repeated rate-limit abuse",
 }
-
-
-def should_reconnect(code: int) -> bool:
-    """The client policy in one line: 4000-4499 and going-away codes mean "reconnect"."""
-    return 4000 <= code <= 4499 or code in (1001, 1006, 1011, 1013)
 
 
 class ErrorCode(StrEnum):
