@@ -131,6 +131,7 @@ class Settings:
     broker_url: str = "memory://"
 
     dev_token_endpoint: bool = True
+    dev_token_ttl_seconds: int = 3600
     permessage_deflate: bool = False
     backlog: int = 2048
     ping_interval_seconds: float = 20.0
@@ -328,6 +329,7 @@ def load_settings(env: Mapping[str, str]) -> Settings:
         ratelimit_storage_url=storage_url,
         broker_url=broker_url,
         dev_token_endpoint=r.boolean("GATEWAY_DEV_TOKEN_ENDPOINT", not production),
+        dev_token_ttl_seconds=r.integer("GATEWAY_DEV_TOKEN_TTL_SECONDS", 3600, 5, 86400),
         permessage_deflate=r.boolean("GATEWAY_PERMESSAGE_DEFLATE", False),
         backlog=r.integer("GATEWAY_BACKLOG", 2048, 1024, 65535),
         ping_interval_seconds=r.number("GATEWAY_PING_INTERVAL_SECONDS", 20.0, 0.0, 3600.0),

@@ -135,7 +135,8 @@ def create_blueprint(services: Services) -> Blueprint:
             body = await request.get_json(force=True, silent=True)
             name = body.get("name") if isinstance(body, dict) else None
             sub = body.get("sub") if isinstance(body, dict) else None
-            ttl = body.get("ttl_seconds", 3600) if isinstance(body, dict) else 3600
+            default_ttl = settings.dev_token_ttl_seconds
+            ttl = body.get("ttl_seconds", default_ttl) if isinstance(body, dict) else default_ttl
             if not isinstance(name, str) or not 1 <= len(name.strip()) <= 64:
                 return _json_response(
                     400, {"error": "invalid_request", "detail": "name: 1 to 64 characters"}, {}
