@@ -17,9 +17,19 @@ __all__ = ["Outbox"]
 
 
 class Outbox:
-    """A bounded FIFO of JSON texts, with an overflow signal instead of back-pressure."""
+    """A bounded FIFO of JSON texts, with an overflow signal instead of back-pressure.
+
+    Args:
+        capacity: frames held at most, >= 1.
+        on_overflow: called once, when a frame finds the queue full.
+
+    Raises:
+        ValueError: on a capacity below 1 (``asyncio.Queue(0)`` would be unbounded).
+    """
 
     def __init__(self, capacity: int, on_overflow: Callable[[], None]) -> None:
+        if capacity < 1:
+            raise ValueError(f"capacity must be >= 1, not {capacity!r}")
         self._queue: asyncio.Queue[str] = asyncio.Queue(maxsize=capacity)
         self._on_overflow = on_overflow
         self._open = True

@@ -217,7 +217,13 @@ class Session:
             first = await self._broker.presence_add(room, self.member, self.conn_id)
             members = await self._broker.members(room)
         except BaseException:
-            await self._hub.release(room)
+            # Failing or cancelled (client gone) after presence_add, the join would leave this
+            # connection recorded and the user listed in the room for ever: undo it (removing
+            # an unrecorded connection is harmless). No presence event: none was announced.
+            try:
+                await self._broker.presence_remove(room, self.user_id, self.conn_id)
+            finally:
+                await self._hub.release(room)
             raise
         # No await between attach and the reply: `joined` precedes the room's traffic.
         self.joined.add(room)

@@ -1,0 +1,260 @@
+"""Tests for gateway.connection.run_connection, driven through a fake socket: welcome first,
+the one place a close code is chosen, token expiry, and a client that never lets go."""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import logging
+from collections.abc import Callable
+
+import orjson
+import pytest
+
+import gateway.connection
+from gateway.broker import Member, MemoryBroker
+from gateway.connection import Socket, run_connection
+from gateway.errors import CLOSE_REASONS, CloseCode
+from gateway.protocol import validate_server_frame
+from gateway.session import Session
+from tests.helpers import timeout
+from tests.test_session import NOW_SECONDS, Frame, World
+
+Received = str | bytes | None | BaseException
+
+
+class FakeSocket:
+    """Frames in from ``inbox`` (an exception there is raised), frames out to ``sent``."""
+
+    def __init__(self, *, send_hangs: bool = False, close_hangs: bool = False) -> None:
+        self.inbox: asyncio.Queue[Received] = asyncio.Queue()
+        self.sent: list[Frame] = []
+        self.closes: list[tuple[int, str]] = []
+        self._send_hangs = send_hangs
+        self._close_hangs = close_hangs
+        self._progress = asyncio.Event()
+
+    def feed(self, *items: Received) -> FakeSocket:
+        for item in items:
+            self.inbox.put_nowait(item)
+        return self
+
+    async def receive(self) -> str | bytes | None:
+        item = await self.inbox.get()
+        if isinstance(item, BaseException):
+            raise item
+        return item
+
+    async def send(self, text: str) -> None:
+        if self._send_hangs:
+            await asyncio.Event().wait()
+        frame = orjson.loads(text)
+        validate_server_frame(frame)
+        self.sent.append(frame)
+        self._progress.set()
+
+    async def close(self, code: int, reason: str) -> None:
+        self.closes.append((code, reason))
+        if self._close_hangs:
+            await asyncio.Event().wait()
+
+    def socket(self) -> Socket:
+        return Socket(self.receive, self.send, self.close)
+
+    async def wait_sent(self, count: int) -> list[str]:
+        async with asyncio.timeout(timeout(5)):
+            while len(self.sent) < count:
+                self._progress.clear()
+                await self._progress.wait()
+        return [frame["type"] for frame in self.sent]
+
+
+async def serve(socket: FakeSocket, session: Session, clock: Callable[[], float]) -> CloseCode:
+    """run_connection within a bounded time; it must decide a close code."""
+    async with asyncio.timeout(timeout(5)):
+        code = await run_connection(socket.socket(), session, clock=clock)
+    assert code is not None
+    assert socket.closes == [(int(code), CLOSE_REASONS[code])]
+    return code
+
+
+@pytest.fixture
+async def world() -> World:
+    return await World({"GATEWAY_MAX_INVALID_MESSAGES": "1"}).start()
+
+
+async def test_welcome_first_then_replies_until_the_server_goes_away(world: World) -> None:
+    session = await world.session("alice")
+    socket = FakeSocket().feed('{"type":"ping","ref":"p"}')
+    task = asyncio.create_task(serve(socket, session, lambda: NOW_SECONDS))
+    assert await socket.wait_sent(2) == ["welcome", "pong"]
+    assert socket.sent[0]["connection_id"] == session.conn_id
+    session.request_close(CloseCode.GOING_AWAY)  # the server drains
+    assert await task is CloseCode.GOING_AWAY
+
+
+@pytest.mark.parametrize(
+    ("frames", "code"),
+    [
+        ([b"\x00"], CloseCode.UNSUPPORTED_DATA),
+        ([None], CloseCode.UNSUPPORTED_DATA),
+        (["x" * 16385], CloseCode.MESSAGE_TOO_BIG),
+        (["{", '{"type":"join","room":"secret"}'], CloseCode.POLICY_VIOLATION),
+    ],
+)
+async def test_the_sessions_close_code_is_sent(
+    world: World, frames: list[Received], code: CloseCode
+) -> None:
+    socket = FakeSocket().feed(*frames)
+    assert await serve(socket, await world.session("alice"), lambda: NOW_SECONDS) is code
+    assert socket.sent[0]["type"] == "welcome"
+
+
+async def test_an_unexpected_error_closes_1011_without_detail(
+    world: World, caplog: pytest.LogCaptureFixture
+) -> None:
+    socket = FakeSocket().feed(RuntimeError("secret detail /etc/passwd"))
+    with caplog.at_level(logging.ERROR, logger="gateway.connection"):
+        code = await serve(socket, await world.session("alice"), lambda: NOW_SECONDS)
+    assert code is CloseCode.INTERNAL_ERROR
+    assert socket.closes == [(1011, "internal error")]
+    assert "secret" not in orjson.dumps(socket.sent).decode()
+    [record] = caplog.records  # the detail goes to the log, and only there
+    assert record.exc_info is not None and "secret detail" in str(record.exc_info[1])
+
+
+class FailingMembersBroker(MemoryBroker):
+    """members(), right after presence_add, fails (an outage) or blocks (a slow broker)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.mode = "ok"
+        self.blocked = asyncio.Event()
+
+    async def members(self, room: str) -> list[Member]:
+        if self.mode == "fail":
+            raise RuntimeError("broker down")
+        if self.mode == "block":
+            self.blocked.set()
+            await asyncio.Event().wait()
+        return await super().members(room)
+
+
+def leaks(world: World) -> tuple[int, int, int]:
+    return (world.broker.presence_rooms, world.broker.subscribed_rooms, world.hub.rooms)
+
+
+async def test_a_join_failing_in_the_broker_closes_1011_and_leaves_no_ghost() -> None:
+    broker = FailingMembersBroker()
+    world = await World(broker=broker).start()
+    bob = await world.session("bob")
+    await bob.handle_frame('{"type":"join","room":"lobby"}')
+    broker.mode = "fail"
+    alice = await world.session("alice")
+    socket = FakeSocket().feed('{"type":"join","room":"lobby"}')
+    assert await serve(socket, alice, lambda: NOW_SECONDS) is CloseCode.INTERNAL_ERROR
+    await alice.close()  # the transport's clean-up
+    broker.mode = "ok"
+    assert await world.broker.members("lobby") == [Member("bob", "Bob")]
+    await bob.close()
+    assert leaks(world) == (0, 0, 0)
+
+
+async def test_a_client_gone_mid_join_is_cancelled_and_leaves_no_ghost() -> None:
+    broker = FailingMembersBroker()
+    broker.mode = "block"
+    world = await World(broker=broker).start()
+    session = await world.session("alice")
+    socket = FakeSocket().feed('{"type":"join","room":"lobby"}')
+    task = asyncio.create_task(run_connection(socket.socket(), session))
+    await broker.blocked.wait()
+    task.cancel()  # how the ASGI layer reports a disconnect: re-raised, never swallowed
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    assert socket.closes == []  # nobody left to send a close frame to
+    assert asyncio.all_tasks() == {asyncio.current_task()}  # reader, writer... all gone
+    await session.close()
+    assert leaks(world) == (0, 0, 0)
+
+
+async def test_an_expired_token_closes_4001(world: World) -> None:
+    session = await world.session("alice")
+    expires_at = session.expires_at
+    assert expires_at is not None
+    socket = FakeSocket()
+    assert await serve(socket, session, lambda: expires_at) is CloseCode.TOKEN_EXPIRED
+    assert [frame["type"] for frame in socket.sent] == ["welcome"]
+
+
+class ScriptedClock:
+    """First 50 ms before the expiry (the watcher sleeps that long for real), then after it."""
+
+    def __init__(self, expires_at: float) -> None:
+        self.values = [expires_at - timeout(0.05)]
+        self.after = expires_at + 1
+        self.rechecked = asyncio.Event()
+
+    def __call__(self) -> float:
+        if self.values:
+            return self.values.pop(0)
+        self.rechecked.set()
+        return self.after
+
+
+async def test_the_token_expires_on_time_without_a_refresh(world: World) -> None:
+    session = await world.session("alice")
+    assert session.expires_at is not None
+    clock = ScriptedClock(session.expires_at)
+    assert await serve(FakeSocket(), session, clock) is CloseCode.TOKEN_EXPIRED
+    assert clock.rechecked.is_set()
+
+
+async def test_a_refresh_moves_the_expiry_the_watcher_waits_for(world: World) -> None:
+    session = await world.session("alice")
+    assert session.expires_at is not None
+    clock = ScriptedClock(session.expires_at)
+    refresh = orjson.dumps({"type": "refresh", "token": world.token("alice", ttl_seconds=7200)})
+    socket = FakeSocket()
+    task = asyncio.create_task(serve(socket, session, clock))
+    await socket.wait_sent(1)
+    assert clock.values == []  # the watcher sleeps until the old expiry
+    socket.feed(refresh.decode())
+    assert await socket.wait_sent(2) == ["welcome", "refreshed"]
+    async with asyncio.timeout(timeout(5)):
+        await clock.rechecked.wait()  # woke at the old expiry and looked again
+    await asyncio.sleep(0)
+    assert not task.done()
+    session.request_close(CloseCode.GOING_AWAY)
+    assert await task is CloseCode.GOING_AWAY
+
+
+async def test_a_token_without_expiry_is_never_closed_4001(world: World) -> None:
+    session = await world.session("alice")
+    session.principal = dataclasses.replace(session.principal, expires_at=None)
+    socket = FakeSocket().feed('{"type":"ping"}')
+    task = asyncio.create_task(serve(socket, session, lambda: 1e12))  # far past any expiry
+    assert await socket.wait_sent(2) == ["welcome", "pong"]
+    assert not task.done()
+    session.request_close(CloseCode.GOING_AWAY)
+    assert await task is CloseCode.GOING_AWAY
+
+
+async def test_a_client_that_does_not_read_is_closed_4008() -> None:
+    world = await World({"GATEWAY_SEND_QUEUE_SIZE": "2"}).start()
+    session = await world.session("alice")
+    socket = FakeSocket(send_hangs=True)  # the writer is stuck on the welcome
+    task = asyncio.create_task(serve(socket, session, lambda: NOW_SECONDS))
+    await asyncio.sleep(0)
+    for _ in range(3):
+        session.deliver('{"type":"pong","ts":0}')
+    assert await task is CloseCode.TOO_SLOW
+
+
+async def test_a_close_that_never_completes_is_abandoned(
+    world: World, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(gateway.connection, "CLOSE_TIMEOUT_SECONDS", 0.01)
+    session = await world.session("alice")
+    socket = FakeSocket(close_hangs=True).feed(b"binary")
+    assert await serve(socket, session, lambda: NOW_SECONDS) is CloseCode.UNSUPPORTED_DATA
+    assert session.close_code is CloseCode.UNSUPPORTED_DATA

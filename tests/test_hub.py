@@ -1,0 +1,229 @@
+"""Tests for gateway.hub: subscription refcounts, local delivery, and fan-out between sessions
+(presence per user, typing, the sender's acknowledgement, chat id order)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import pytest
+
+from gateway.broker import Envelope, Member, MemoryBroker
+from gateway.hub import Hub
+from gateway.protocol import encode
+from tests.test_session import ALICE, BOB, NOW_MS, World, drain, send
+
+
+class CountingBroker(MemoryBroker):
+    def __init__(self, fail_subscribe: int = 0) -> None:
+        super().__init__()
+        self.subscribes = 0
+        self.unsubscribes = 0
+        self.fail_subscribe = fail_subscribe
+
+    async def subscribe(self, room: str) -> None:
+        if self.fail_subscribe:
+            self.fail_subscribe -= 1
+            raise ConnectionError("broker down")
+        self.subscribes += 1
+        await super().subscribe(room)
+
+    async def unsubscribe(self, room: str) -> None:
+        self.unsubscribes += 1
+        await super().unsubscribe(room)
+
+
+@dataclass
+class Recipient:
+    conn_id: str
+    user_id: str
+    received: list[str] = field(default_factory=list)
+
+    def deliver(self, text: str) -> None:
+        self.received.append(text)
+
+
+async def test_the_broker_is_subscribed_once_while_any_holder_remains() -> None:
+    broker = CountingBroker()
+    hub = Hub(broker)
+    for _ in range(3):
+        await hub.acquire("r")
+    assert (broker.subscribes, broker.subscribed_rooms) == (1, 1)
+    await hub.release("r")
+    await hub.release("r")
+    assert broker.unsubscribes == 0
+    await hub.release("r")
+    assert (broker.unsubscribes, broker.subscribed_rooms) == (1, 0)
+    await hub.release("r")  # one release too many: harmless, and the count stays at zero
+    await hub.release("never-acquired")
+    assert broker.unsubscribes == 1
+    await hub.acquire("r")
+    assert (broker.subscribes, broker.subscribed_rooms) == (2, 1)
+
+
+async def test_a_failed_subscribe_holds_nothing() -> None:
+    broker = CountingBroker(fail_subscribe=1)
+    hub = Hub(broker)
+    with pytest.raises(ConnectionError):
+        await hub.acquire("r")
+    await hub.acquire("r")  # the next holder is the first again: it subscribes
+    assert (broker.subscribes, broker.subscribed_rooms) == (1, 1)
+    await hub.release("r")
+    assert (broker.unsubscribes, broker.subscribed_rooms) == (1, 0)
+
+
+async def test_attach_detach_and_delivery_to_nobody() -> None:
+    hub = Hub(MemoryBroker())
+    a = Recipient("c1", "alice")
+    hub.deliver(Envelope("empty", "x"))  # no members: nothing, no error
+    hub.detach("nowhere", a)  # unknown room and member: harmless
+    hub.attach("r", a)
+    hub.attach("r", a)  # twice: still one member
+    hub.detach("r", Recipient("c9", "alice"))  # unknown member of a known room
+    assert (hub.rooms, hub.members("r")) == (1, 1)
+    hub.deliver(Envelope("r", "one"))
+    hub.deliver(Envelope("other", "not for r"))
+    assert a.received == ["one"]
+    hub.detach("r", a)
+    hub.detach("r", a)
+    assert (hub.rooms, hub.members("r")) == (0, 0)
+    hub.deliver(Envelope("r", "two"))
+    assert a.received == ["one"]
+
+
+async def test_skip_user_and_the_echo_go_to_the_right_connections() -> None:
+    hub = Hub(MemoryBroker())
+    a1, a2, b = Recipient("c1", "alice"), Recipient("c2", "alice"), Recipient("c3", "bob")
+    for member in (a1, a2, b):
+        hub.attach("r", member)
+    hub.deliver(Envelope("r", "typing", skip_user="alice"))
+    hub.deliver(Envelope("r", "plain", echo_conn="c1", echo_payload="acked"))
+    assert (a1.received, a2.received, b.received) == (["acked"], ["plain"], ["typing", "plain"])
+
+
+async def test_a_member_detached_during_delivery_does_not_break_it() -> None:
+    hub = Hub(MemoryBroker())
+    b = Recipient("c2", "bob")
+
+    class Detacher(Recipient):
+        def deliver(self, text: str) -> None:
+            super().deliver(text)
+            hub.detach("r", self)  # e.g. its outbox overflowed and it is leaving
+            hub.detach("r", b)
+
+    a = Detacher("c1", "alice")
+    hub.attach("r", a)
+    hub.attach("r", b)
+    hub.deliver(Envelope("r", "x"))
+    assert (a.received, hub.rooms) == (["x"], 0)
+
+
+# -- fan-out between sessions --------------------------------------------------------------
+
+
+@pytest.fixture
+async def world() -> World:
+    return await World(broker=CountingBroker()).start()
+
+
+def presence(event: str, user: dict[str, str], room: str = "lobby") -> dict[str, object]:
+    return {"type": "presence", "event": event, "room": room, "user": user}
+
+
+async def test_presence_is_per_user_first_join_and_last_leave(world: World) -> None:
+    a1, a2, b = await world.sessions("alice", "alice", "bob")
+    await send(b, type="join", room="lobby")
+    members = {"type": "joined", "room": "lobby", "members": [ALICE, BOB]}
+    assert await send(a1, type="join", room="lobby") == [members]
+    assert await drain(b) == [presence("join", ALICE)]
+    assert await send(a1, type="join", room="lobby", ref="again") == [{**members, "ref": "again"}]
+    assert await send(a2, type="join", room="lobby") == [members]
+    assert await drain(b) == []  # alice's second join, second tab: nothing new
+    assert await send(a1, type="leave", room="lobby") == [{"type": "left", "room": "lobby"}]
+    assert [f["code"] for f in await send(a1, type="leave", room="lobby")] == ["not_joined"]
+    assert (await drain(b), await drain(a2)) == ([], [])  # alice is still there through a2
+    await send(a1, type="join", room="lobby")
+    for s in (a1, a2):
+        await s.close()
+    assert await drain(b) == [presence("leave", ALICE)]  # once, after her last connection
+    await b.close()
+    assert isinstance(world.broker, CountingBroker)
+    assert (world.broker.subscribes, world.broker.unsubscribes, world.hub.rooms) == (1, 1, 0)
+    assert world.broker.presence_rooms == 0
+
+
+async def test_join_leave_churn_alternates_presence_and_leaks_nothing(world: World) -> None:
+    a, b = await world.session("alice"), await world.session("bob")
+    await send(b, type="join", room="lobby")
+    for _ in range(30):
+        world.monotonic_seconds += 1  # within the rate limit
+        await send(a, type="join", room="lobby")
+        await send(a, type="leave", room="lobby")
+    assert await drain(b) == [presence("join", ALICE), presence("leave", ALICE)] * 30
+    assert (world.hub.rooms, world.hub.members("lobby")) == (1, 1)
+    assert await world.broker.members("lobby") == [Member("bob", "Bob")]
+
+
+async def test_typing_skips_every_connection_of_the_sender(world: World) -> None:
+    a1, a2, b = await world.sessions("alice", "alice", "bob")
+    for s in (a1, a2, b):
+        await send(s, type="join", room="lobby")
+    for s in (a1, a2):
+        await drain(s)
+    assert await send(a1, type="typing", room="lobby", typing=True, ref="t") == []
+    assert await drain(a2) == []
+    typing = {"type": "typing", "room": "lobby", "user": ALICE, "typing": True}
+    assert await drain(b) == [typing]  # never the ref: it is the sender's
+    await send(b, type="typing", room="lobby", typing=False)
+    assert await drain(a1) == await drain(a2) == [{**typing, "user": BOB, "typing": False}]
+
+
+async def test_only_the_senders_connection_gets_its_ref(world: World) -> None:
+    a1, a2, b = await world.sessions("alice", "alice", "bob")
+    for s in (a1, a2, b):
+        await send(s, type="join", room="lobby")
+    for s in (a1, a2, b):
+        await drain(s)
+    chat = {"type": "chat", "id": 1, "room": "lobby", "from": ALICE, "message": "hi", "ts": NOW_MS}
+    assert await send(a1, type="chat", room="lobby", message="hi", ref="c1") == [
+        {**chat, "ref": "c1"}
+    ]
+    assert await drain(a2) == await drain(b) == [chat]
+    assert await send(a1, type="chat", room="lobby", message="hi") == [{**chat, "id": 2}]
+
+
+async def test_chat_ids_are_ordered_within_each_room(world: World) -> None:
+    a, b = await world.session("alice", rooms=["dev"]), await world.session("bob", rooms=["dev"])
+    for s in (a, b):
+        await send(s, type="join", room="lobby")
+        await send(s, type="join", room="dev")
+    await drain(a)
+    for i, s in enumerate((a, b, a, b)):
+        await s.handle_frame(f'{{"type":"chat","room":"lobby","message":"{i}"}}')
+    await b.handle_frame('{"type":"chat","room":"dev","message":"other room"}')
+    received = [(f["room"], f["id"], f["message"]) for f in await drain(a)]
+    assert received == [
+        ("lobby", 1, "0"),
+        ("lobby", 2, "1"),
+        ("lobby", 3, "2"),
+        ("lobby", 4, "3"),
+        ("dev", 1, "other room"),
+    ]
+
+
+class ChattyBroker(MemoryBroker):
+    """Another instance's chat lands while a join is between presence_add and members."""
+
+    async def members(self, room: str) -> list[Member]:
+        frame = {"type": "chat", "id": 7, "room": room, "from": BOB, "message": "x", "ts": 0}
+        await self.publish(Envelope(room, encode(frame)))
+        return await super().members(room)
+
+
+async def test_joined_precedes_the_rooms_traffic() -> None:
+    world = await World(broker=ChattyBroker()).start()
+    a, b = await world.session("alice"), await world.session("bob")
+    await send(b, type="join", room="lobby")
+    assert [f["type"] for f in await send(a, type="join", room="lobby")] == ["joined"]
+    assert [f["type"] for f in await drain(b)] == ["chat", "presence"]
+    await send(b, type="chat", room="lobby", message="after")
+    assert [f["message"] for f in await drain(a)] == ["after"]

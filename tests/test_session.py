@@ -1,0 +1,324 @@
+"""Tests for gateway.session: one connection's frame pipeline, refresh, close, and its limits.
+
+:class:`World` (a broker, hub, policy, verifier and fake clocks) is shared with test_hub.py
+and test_connection.py. Every frame a session queues is checked against its server schema.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+import jwt
+import orjson
+import pytest
+
+from gateway.auth import TokenVerifier, mint_token
+from gateway.broker import Member, MemoryBroker
+from gateway.errors import CloseCode, ConnectionClosing
+from gateway.hub import Hub
+from gateway.protocol import MAX_CHAT_CHARS, validate_server_frame
+from gateway.rooms import RoomPolicy
+from gateway.session import Session
+from tests.helpers import make_settings
+
+__all__ = ["ALICE", "BOB", "NOW_MS", "NOW_SECONDS", "Frame", "World", "drain", "send"]
+
+Frame = dict[str, Any]
+NOW_SECONDS = 1_700_000_000.0
+NOW_MS = int(NOW_SECONDS * 1000)
+ALICE = {"id": "alice", "name": "Alice"}
+BOB = {"id": "bob", "name": "Bob"}
+
+
+class World:
+    """One process's shared parts (broker, hub, policy, verifier) and two fake clocks."""
+
+    def __init__(
+        self, overrides: Mapping[str, str] | None = None, broker: MemoryBroker | None = None
+    ) -> None:
+        self.settings = make_settings({"GATEWAY_OPEN_ROOMS": "lobby", **(overrides or {})})
+        self.broker = broker or MemoryBroker()
+        self.hub = Hub(self.broker)
+        self.policy = RoomPolicy(self.settings.open_rooms)
+        self.wall_seconds = NOW_SECONDS
+        self.monotonic_seconds = 0.0
+        self.verifier = TokenVerifier(self.settings, clock=lambda: self.wall_seconds)
+        self._count = 0
+
+    async def start(self) -> World:
+        await self.hub.start()
+        return self
+
+    def token(self, sub: str, rooms: Iterable[str] = (), ttl_seconds: float = 3600) -> str:
+        return mint_token(
+            self.settings,
+            sub=sub,
+            name=sub.title(),
+            rooms=rooms,
+            ttl_seconds=ttl_seconds,
+            now=self.wall_seconds,
+        )
+
+    async def session(self, sub: str, rooms: Iterable[str] = ()) -> Session:
+        self._count += 1
+        return Session(
+            conn_id=f"{sub}-{self._count}",
+            principal=await self.verifier.verify(self.token(sub, rooms)),
+            settings=self.settings,
+            policy=self.policy,
+            hub=self.hub,
+            broker=self.broker,
+            verifier=self.verifier,
+            clock=lambda: self.wall_seconds,
+            monotonic=lambda: self.monotonic_seconds,
+        )
+
+    async def sessions(self, *subs: str) -> list[Session]:
+        return [await self.session(sub) for sub in subs]
+
+
+async def drain(session: Session) -> list[Frame]:
+    """Every frame queued for ``session``, each checked against its server schema."""
+    frames: list[Frame] = []
+    while session.outbox.depth:
+        frame = orjson.loads(await session.outbox.get())
+        validate_server_frame(frame)
+        frames.append(frame)
+    return frames
+
+
+async def send(session: Session, raw: str | None = None, **message: Any) -> list[Frame]:
+    """Feed one frame (``raw`` text, or ``message`` as JSON) and return what it queued."""
+    await session.handle_frame(raw if raw is not None else orjson.dumps(message).decode())
+    return await drain(session)
+
+
+def without_message(frame: Frame) -> Frame:
+    assert isinstance(frame.get("message"), str) and frame["message"]
+    return {key: value for key, value in frame.items() if key != "message"}
+
+
+@pytest.fixture
+async def world() -> World:
+    return await World().start()
+
+
+async def test_welcome_describes_the_connection(world: World) -> None:
+    s = await world.session("alice", rooms=["dev", "a:b"])
+    frame = s.welcome()
+    validate_server_frame(frame)
+    assert frame == {
+        "type": "welcome",
+        "connection_id": s.conn_id,
+        "user": ALICE,
+        "rooms": ["a:b", "dev", "lobby"],
+        "limits": {
+            "max_message_bytes": 16384,
+            "max_chat_chars": MAX_CHAT_CHARS,
+            "rate_per_second": 5.0,
+            "rate_burst": 15,
+        },
+        "expires_at": NOW_MS + 3_600_000,
+    }
+
+
+async def test_each_message_type_gets_its_reply_with_its_ref(world: World) -> None:
+    s = await world.session("alice")
+    joined = {"type": "joined", "room": "lobby", "members": [ALICE], "ref": "j"}
+    assert await send(s, type="join", room="lobby", ref="j") == [joined]
+    chat = {"type": "chat", "id": 1, "room": "lobby", "from": ALICE, "message": "hi"}
+    assert await send(s, type="chat", room="lobby", message="hi", ref="c") == [
+        {**chat, "ts": NOW_MS, "ref": "c"}
+    ]
+    assert await send(s, type="typing", room="lobby", typing=True, ref="t") == []  # others only
+    assert await send(s, type="ping", ref="p") == [{"type": "pong", "ts": NOW_MS, "ref": "p"}]
+    assert await send(s, type="ping") == [{"type": "pong", "ts": NOW_MS}]  # no ref, none echoed
+    world.wall_seconds += 60
+    token = world.token("alice", ttl_seconds=7200)
+    assert await send(s, type="refresh", token=token, ref="r") == [
+        {"type": "refreshed", "expires_at": NOW_MS + 7_260_000, "ref": "r"}
+    ]
+    assert s.expires_at == NOW_SECONDS + 7260
+    assert await send(s, type="leave", room="lobby", ref="l") == [
+        {"type": "left", "room": "lobby", "ref": "l"}
+    ]
+
+
+@pytest.mark.parametrize(
+    ("raw", "code", "pointer", "ref"),
+    [
+        ('{"type":"join","room":"secret","ref":"r"}', "forbidden_room", "/room", "r"),
+        ('{"type":"chat","room":"lobby","message":"hi","ref":"r"}', "not_joined", "/room", "r"),
+        ('{"type":"typing","room":"lobby","typing":true}', "not_joined", "/room", None),
+        ('{"type":"leave","room":"lobby","ref":"r"}', "not_joined", "/room", "r"),
+        ('{"type":', "invalid_json", None, None),
+        ('{"type":"ping","ref":"r"} {}', "invalid_json", None, None),
+        ("[]", "invalid_message", "", None),
+        ('{"type":"join","room":"lobby","extra":1,"ref":"r"}', "invalid_message", "/extra", "r"),
+        ('{"type":"join","room":"lobby\\n"}', "invalid_message", "/room", None),
+        ('{"type":"chat","room":"lobby","message":""}', "invalid_message", "/message", None),
+        ('{"type":"welcome","ref":"r"}', "invalid_message", "/type", "r"),
+        ('{"type":"ping","ref":"' + "x" * 65 + '"}', "invalid_message", "/ref", None),
+        ('{"type":"refresh","token":""}', "invalid_message", "/token", None),
+        ('{"type":"join","room":"LOBBY"}', "forbidden_room", "/room", None),
+        ('{"type":"join","room":"lobby","type":"ping"}', "invalid_message", "/room", None),
+        ("[" * 2000, "invalid_json", None, None),
+        ('{"type":"ping","ref":"\ud800"}', "invalid_json", None, None),  # a lone surrogate
+        ('\ufeff{"type":"ping"}', "invalid_json", None, None),
+        ('{"type":"ping","ref":1e999}', "invalid_json", None, None),
+        ('{"type":["ping"],"ref":"r"}', "invalid_message", "/type", "r"),
+    ],
+)
+async def test_a_bad_frame_costs_an_error_and_changes_nothing(
+    world: World, raw: str, code: str, pointer: str | None, ref: str | None
+) -> None:
+    s = await world.session("alice")
+    [error] = await send(s, raw)
+    expected: Frame = {"type": "error", "code": code}
+    expected.update({k: v for k, v in (("pointer", pointer), ("ref", ref)) if v is not None})
+    assert without_message(error) == expected
+    assert (s.joined, world.hub.rooms, world.broker.presence_rooms) == (set(), 0, 0)
+    assert s.close_code is None
+
+
+async def test_rate_limit_reports_retry_after_from_the_monotonic_clock() -> None:
+    world = await World({"GATEWAY_RATE_PER_SECOND": "1", "GATEWAY_RATE_BURST": "2"}).start()
+    s = await world.session("alice")
+    for _ in range(2):
+        assert [f["type"] for f in await send(s, type="ping")] == ["pong"]
+    [error] = await send(s, type="join", room="lobby", ref="r")
+    limited = {"type": "error", "code": "rate_limited", "ref": "r"}
+    assert without_message(error) == {**limited, "retry_after_ms": 1000}
+    assert (s.joined, world.broker.presence_rooms) == (set(), 0)  # the handler never ran
+    world.wall_seconds += 3600  # the wall clock does not refill the bucket
+    world.monotonic_seconds += 0.25
+    [error] = await send(s, type="ping", ref="r")
+    assert without_message(error) == {**limited, "retry_after_ms": 750}
+    world.monotonic_seconds += 0.7499
+    [error] = await send(s, type="ping", ref="r")
+    assert without_message(error) == {**limited, "retry_after_ms": 1}  # never 0
+    world.monotonic_seconds += 0.0001
+    assert [f["type"] for f in await send(s, type="ping")] == ["pong"]
+
+
+async def test_repeated_invalid_messages_close_1008_within_the_window() -> None:
+    overrides = {"GATEWAY_MAX_INVALID_MESSAGES": "3", "GATEWAY_ABUSE_WINDOW_SECONDS": "10"}
+    world = await World(overrides).start()
+    s = await world.session("alice")
+    bad = ["{", '{"type":"nope"}', '{"type":"chat","room":"lobby","message":"x"}']
+    for raw in bad:  # every kind of rejection counts
+        assert [f["type"] for f in await send(s, raw)] == ["error"]
+    world.monotonic_seconds += 10  # the first three leave the window
+    for raw in bad:
+        assert [f["type"] for f in await send(s, raw)] == ["error"]
+    assert [f["type"] for f in await send(s, type="ping")] == ["pong"]  # a good frame: no reset
+    with pytest.raises(ConnectionClosing) as caught:
+        await s.handle_frame('{"type":"join","room":"secret"}')
+    assert caught.value.code is CloseCode.POLICY_VIOLATION
+    assert await drain(s) == []  # the closing frame gets no error reply
+
+
+async def test_repeated_rate_limiting_closes_4029_and_is_not_counted_as_invalid() -> None:
+    overrides = {
+        "GATEWAY_RATE_PER_SECOND": "0.01",
+        "GATEWAY_RATE_BURST": "1",
+        "GATEWAY_MAX_RATE_VIOLATIONS": "2",
+        "GATEWAY_MAX_INVALID_MESSAGES": "1",
+    }
+    world = await World(overrides).start()
+    s = await world.session("alice")
+    assert [f["type"] for f in await send(s, "{")] == ["error"]  # invalid: no token taken
+    assert [f["type"] for f in await send(s, type="ping")] == ["pong"]
+    for _ in range(2):
+        assert [f["code"] for f in await send(s, type="ping")] == ["rate_limited"]
+    with pytest.raises(ConnectionClosing) as caught:
+        await s.handle_frame('{"type":"ping"}')
+    assert caught.value.code is CloseCode.RATE_ABUSE
+
+
+@pytest.mark.parametrize("data", [b'{"type":"ping"}', b"", None])
+async def test_binary_frames_close_1003(world: World, data: bytes | None) -> None:
+    s = await world.session("alice")
+    with pytest.raises(ConnectionClosing) as caught:
+        await s.handle_frame(data)
+    assert (caught.value.code, await drain(s)) == (CloseCode.UNSUPPORTED_DATA, [])
+
+
+async def test_the_size_cap_counts_utf8_bytes_and_is_inclusive() -> None:
+    world = await World({"GATEWAY_MAX_MESSAGE_BYTES": "256"}).start()
+    s = await world.session("alice")
+    raw = '{"type":"ping","ref":"' + "é" * 32 + '"}' + " " * 168  # 256 bytes, 224 chars
+    assert [f["type"] for f in await send(s, raw)] == ["pong"]
+    with pytest.raises(ConnectionClosing) as caught:
+        await s.handle_frame(raw + " ")
+    assert (caught.value.code, await drain(s)) == (CloseCode.MESSAGE_TOO_BIG, [])
+
+
+# -- refresh -------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("case", ["other-sub", "bad-signature", "expired", "malformed"])
+async def test_a_refused_refresh_keeps_the_old_principal(world: World, case: str) -> None:
+    s = await world.session("alice", rooms=["dev"])
+    before = s.principal
+    token = {
+        "other-sub": world.token("bob"),
+        "bad-signature": jwt.encode({"sub": "alice", "exp": NOW_SECONDS + 60}, "k" * 64),
+        "expired": mint_token(world.settings, sub="alice", now=NOW_SECONDS - 7200),
+        "malformed": "a.b.c",
+    }[case]
+    [error] = await send(s, type="refresh", token=token, ref="r")
+    refused = {"type": "error", "code": "invalid_message", "ref": "r", "pointer": "/token"}
+    assert without_message(error) == refused
+    assert token not in error["message"]
+    assert s.principal is before
+
+
+async def test_a_refresh_granting_fewer_rooms_leaves_them(world: World) -> None:
+    alice = await world.session("alice", rooms=["dev"])
+    alice2 = await world.session("alice", rooms=["dev"])  # another tab keeps the old token
+    bob = await world.session("bob", rooms=["dev"])
+    for s in (bob, alice, alice2):
+        await send(s, type="join", room="dev")
+    await send(alice, type="join", room="lobby")
+    await drain(bob)
+    assert await send(alice, type="refresh", token=world.token("alice"), ref="r") == [
+        {"type": "left", "room": "dev"},
+        {"type": "refreshed", "expires_at": NOW_MS + 3_600_000, "ref": "r"},
+    ]
+    assert alice.joined == {"lobby"}
+    assert await drain(bob) == []  # alice is still in dev through her other tab
+    assert [m.id for m in await world.broker.members("dev")] == ["alice", "bob"]
+    assert [e["code"] for e in await send(alice, type="chat", room="dev", message="x")] == [
+        "not_joined"
+    ]
+    assert [e["code"] for e in await send(alice, type="join", room="dev")] == ["forbidden_room"]
+    await send(alice2, type="leave", room="dev")
+    assert await drain(bob) == [
+        {"type": "presence", "event": "leave", "room": "dev", "user": ALICE}
+    ]
+
+
+# -- close ---------------------------------------------------------------------------------
+
+
+async def test_close_leaves_every_room_and_leaks_nothing(world: World) -> None:
+    alice = await world.session("alice", rooms=["dev"])
+    bob = await world.session("bob")
+    for room in ("lobby", "dev"):
+        await send(alice, type="join", room=room)
+    await send(bob, type="join", room="lobby")
+    await alice.close()
+    await alice.close()  # twice: nothing more
+    assert await drain(bob) == [
+        {"type": "presence", "event": "leave", "room": "lobby", "user": ALICE}
+    ]
+    assert (alice.joined, alice.outbox.is_open) == (set(), False)
+    assert await world.broker.members("lobby") == [Member("bob", "Bob")]
+    await bob.close()
+    assert (world.broker.presence_rooms, world.broker.subscribed_rooms, world.hub.rooms) == (
+        0,
+        0,
+        0,
+    )
