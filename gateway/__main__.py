@@ -10,6 +10,7 @@ A configuration problem prints every problem at once and exits with status 2.
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import sys
 from collections.abc import Sequence
@@ -68,20 +69,21 @@ def main(argv: Sequence[str] | None = None) -> int:
     from gateway.logs import configure_logging
     from gateway.server import run
 
+    # From here on stderr carries JSON lines only (docs/configuration.md): no plain prints.
     configure_logging(settings.log_level)
+    log = logging.getLogger("gateway")
     scheme = "https" if settings.tls == "on" else "http"
     host = "localhost" if settings.host in {"127.0.0.1", "::1"} else settings.host
-    print(
-        f"gateway: {settings.env} mode, chat page at {scheme}://{host}:{settings.port}/",
-        file=sys.stderr,
+    host = f"[{host}]" if ":" in host and not host.startswith("[") else host
+    log.info(
+        "gateway starting",
+        extra={"env": settings.env, "url": f"{scheme}://{host}:{settings.port}/"},
     )
     if not settings.is_production:
-        print(
-            "gateway: DEVELOPMENT MODE: self-signed certificate, development secret, and a token "
-            "endpoint anyone can use. Never expose this to a network.\n"
-            "gateway: a token for scripts: python -m gateway token --sub alice --name Alice "
-            "--rooms lobby,dev",
-            file=sys.stderr,
+        log.warning(
+            "DEVELOPMENT MODE: self-signed certificate, development secret, and a token "
+            "endpoint anyone can use. Never expose this to a network. A token for scripts: "
+            "python -m gateway token --sub alice --name Alice --rooms lobby,dev"
         )
     run(settings)
     return 0

@@ -20,9 +20,9 @@ from gateway.hub import Hub
 from gateway.ratelimit import ConnectAttemptLimiter, ConnectionSlots
 from gateway.rooms import RoomPolicy
 from gateway.settings import Settings
-from gateway.web import STATIC_DIR, Services, create_blueprint
+from gateway.web import Services, create_blueprint
 
-__all__ = ["SERVICES_KEY", "create_app"]
+__all__ = ["SERVICES_KEY", "create_app", "drain"]
 
 #: Where the app keeps its :class:`~gateway.web.Services` (``app.extensions[SERVICES_KEY]``).
 SERVICES_KEY = "gateway"
@@ -32,7 +32,7 @@ SHUTDOWN_CLOSE_SECONDS = 5.0
 
 def create_app(settings: Settings) -> Quart:
     """Build the Quart application for ``settings`` (already validated by load_settings)."""
-    app = Quart(__name__, static_folder=str(STATIC_DIR), static_url_path="/static")
+    app = Quart(__name__, static_folder=None)
     app.asgi_websocket_class = BoundedWebsocketConnection
     # Quart's own body caps: nothing we serve takes a large request.
     app.config["MAX_CONTENT_LENGTH"] = 16 * 1024
@@ -58,13 +58,29 @@ def create_app(settings: Settings) -> Quart:
     @app.after_serving
     async def stop() -> None:
         # Connections still open leave their rooms through the broker: close them first.
-        for session in list(services.sessions.values()):
-            session.request_close(CloseCode.GOING_AWAY)
-        if services.sessions:
-            with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(SHUTDOWN_CLOSE_SECONDS):
-                    await services.no_sessions.wait()
+        await drain(app)
         await services.broker.close()
         await services.attempts.close()
 
     return app
+
+
+async def drain(app: Quart, timeout_seconds: float = SHUTDOWN_CLOSE_SECONDS) -> None:
+    """Refuse new upgrades (503 ``shutting_down``), close every open connection with 1001 (RFC
+    6455 section 7.4.1: going away) and wait, at most ``timeout_seconds``, until they are gone.
+
+    server.py calls this as soon as a shutdown is asked for: Hypercorn only runs the
+    ``after_serving`` hooks after its connections have ended (or its graceful timeout has
+    cancelled them, which the client sees as 1011 or 1006, not 1001). Calling it again is
+    harmless; an app not made by :func:`create_app` is left alone.
+    """
+    services = app.extensions.get(SERVICES_KEY)
+    if not isinstance(services, Services):
+        return
+    services.draining = True
+    for session in list(services.sessions.values()):
+        session.request_close(CloseCode.GOING_AWAY)
+    if services.sessions:
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(timeout_seconds):
+                await services.no_sessions.wait()

@@ -29,6 +29,7 @@ CERT_DAYS = 30
 def _write_private(path: Path, data: bytes) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    os.fchmod(fd, 0o600)  # the mode above applies only to a new file, not one rewritten
     with os.fdopen(fd, "wb") as handle:
         handle.write(data)
 
@@ -70,7 +71,10 @@ def write_self_signed(cert_file: Path, key_file: Path, *, days: int = CERT_DAYS)
 def _certificate_fresh(cert_file: Path, key_file: Path) -> bool:
     if not (cert_file.is_file() and key_file.is_file()):
         return False
-    cert = x509.load_pem_x509_certificate(cert_file.read_bytes())
+    try:
+        cert = x509.load_pem_x509_certificate(cert_file.read_bytes())
+    except ValueError:  # empty or damaged (an interrupted write): make a new one
+        return False
     return cert.not_valid_after_utc > dt.datetime.now(dt.UTC) + dt.timedelta(days=1)
 
 

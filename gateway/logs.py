@@ -7,6 +7,7 @@ Nothing in the gateway passes a token or a message body to a log call; the acces
 
 from __future__ import annotations
 
+import json
 import logging
 import sys
 import time
@@ -35,7 +36,16 @@ class JsonFormatter(logging.Formatter):
                 entry[key] = value
         if record.exc_info:
             entry["exception"] = self.formatException(record.exc_info)
-        return orjson.dumps(entry, default=str).decode()
+        try:
+            return orjson.dumps(entry, default=str, option=orjson.OPT_NON_STR_KEYS).decode()
+        except TypeError:
+            # orjson refuses an int beyond 64 bits, a lone surrogate, some keys: a formatter
+            # that raises loses the record and prints a traceback instead. Values as text,
+            # surrogates escaped by the standard library: always one valid JSON line.
+            text = {
+                key: value if isinstance(value, str) else str(value) for key, value in entry.items()
+            }
+            return json.dumps(text)
 
 
 def configure_logging(level: str) -> None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import signal
 from collections.abc import Awaitable, Callable
 
 from hypercorn.asyncio import serve as hypercorn_serve
@@ -16,7 +17,7 @@ from hypercorn.config import Config
 from quart import Quart
 
 from gateway import hypercorn_fixes
-from gateway.app import create_app
+from gateway.app import create_app, drain
 from gateway.settings import Settings
 
 __all__ = ["ACCESS_LOG_FORMAT", "build_config", "serve"]
@@ -26,6 +27,7 @@ ACCESS_LOG_FORMAT = '%(h)s "%(r)s" %(s)s %(b)s %(D)s'
 
 
 def _bind_address(host: str, port: int) -> str:
+    host = host.removeprefix("[").removesuffix("]")  # GATEWAY_HOST=[::] or ::
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
@@ -65,12 +67,36 @@ async def serve(
     fd: int | None = None,
     shutdown_trigger: Callable[[], Awaitable[object]] | None = None,
 ) -> None:
-    """Run the gateway until ``shutdown_trigger`` returns (or SIGINT/SIGTERM without one)."""
+    """Run the gateway until ``shutdown_trigger`` returns (or SIGINT/SIGTERM without one).
+
+    Then, before Hypercorn stops, open connections are closed with 1001 and new upgrades are
+    refused with 503 (:func:`gateway.app.drain`); Hypercorn's own graceful stop would otherwise
+    wait ``graceful_timeout`` for connections that never end by themselves, then cancel them.
+    """
     hypercorn_fixes.install(permessage_deflate=settings.permessage_deflate)
     config = build_config(settings, fd=fd)
     application = app if app is not None else create_app(settings)
-    kwargs = {} if shutdown_trigger is None else {"shutdown_trigger": shutdown_trigger}
-    await hypercorn_serve(application, config, **kwargs)  # type: ignore[arg-type]
+    trigger = shutdown_trigger if shutdown_trigger is not None else _stop_signal
+
+    async def drain_then_stop() -> None:
+        await trigger()
+        await drain(application)
+
+    await hypercorn_serve(application, config, shutdown_trigger=drain_then_stop)
+
+
+async def _stop_signal() -> None:
+    """Return on the first SIGINT or SIGTERM; a second one gets the default (immediate) end."""
+    loop = asyncio.get_running_loop()
+    received = asyncio.Event()
+    signals = (signal.SIGINT, signal.SIGTERM)
+    for signum in signals:
+        loop.add_signal_handler(signum, received.set)
+    try:
+        await received.wait()
+    finally:
+        for signum in signals:
+            loop.remove_signal_handler(signum)
 
 
 def run(settings: Settings) -> None:

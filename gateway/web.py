@@ -13,10 +13,12 @@ import logging
 import re
 import secrets
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from quart import Blueprint, Response, request, send_from_directory, websocket
+import orjson
+from quart import Blueprint, Response, request, websocket
 
 from gateway.auth import Principal, TokenVerifier, extract_token, mint_token, origin_allowed
 from gateway.broker import Broker
@@ -34,6 +36,13 @@ __all__ = ["STATIC_DIR", "Services", "client_address", "create_blueprint"]
 log = logging.getLogger("gateway.web")
 
 STATIC_DIR = Path(__file__).resolve().parent.parent / "static"
+#: The chat page's files by suffix; anything else in static/ is not served.
+STATIC_TYPES = {
+    ".html": "text/html; charset=utf-8",
+    ".js": "text/javascript; charset=utf-8",
+    ".css": "text/css; charset=utf-8",
+    ".svg": "image/svg+xml",
+}
 
 #: Rooms a development token grants beyond the open rooms.
 DEV_TOKEN_ROOMS = ("dev", "random")
@@ -82,6 +91,8 @@ def client_address(peer: str | None, forwarded_for: str | None, settings: Settin
             ip = ipaddress.ip_address(value)
         except ValueError:
             return False
+        if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+            ip = ip.ipv4_mapped  # a dual-stack listener sees an IPv4 proxy as ::ffff:a.b.c.d
         return any(ip in network for network in networks)
 
     if not trusted(address):
@@ -93,6 +104,15 @@ def client_address(peer: str | None, forwarded_for: str | None, settings: Settin
             except ValueError:
                 return address
     return address
+
+
+def load_static(directory: Path) -> dict[str, tuple[bytes, str]]:
+    """The chat page's files: name -> (content, content type), for the suffixes we serve."""
+    return {
+        path.name: (path.read_bytes(), STATIC_TYPES[path.suffix])
+        for path in sorted(directory.iterdir())
+        if path.is_file() and path.suffix in STATIC_TYPES
+    }
 
 
 def _json_response(status: int, body: dict[str, object], headers: dict[str, str]) -> Response:
@@ -120,9 +140,26 @@ def create_blueprint(services: Services) -> Blueprint:
             response.headers.setdefault("Strict-Transport-Security", "max-age=31536000")
         return response
 
+    # The page is a handful of small files: read once, served from memory (no file handles
+    # per request, nothing outside static/ reachable, no directory listing).
+    static_files = load_static(STATIC_DIR)
+
+    def static_response(name: str) -> Response:
+        found = static_files.get(name)
+        if found is None:
+            return _json_response(404, {"error": "not_found", "detail": "no such file"}, {})
+        body, content_type = found
+        response = Response(body, status=200, content_type=content_type)
+        response.headers["Cache-Control"] = "no-cache"
+        return response
+
     @bp.route("/")
     async def index() -> Response:
-        return await send_from_directory(STATIC_DIR, "index.html")
+        return static_response("index.html")
+
+    @bp.route("/static/<name>")
+    async def static(name: str) -> Response:
+        return static_response(name)
 
     @bp.route("/healthz")
     async def healthz() -> Response:
@@ -132,7 +169,10 @@ def create_blueprint(services: Services) -> Blueprint:
 
         @bp.route("/dev/token", methods=["POST"])
         async def dev_token() -> Response:
-            body = await request.get_json(force=True, silent=True)
+            try:  # orjson: invalid UTF-8, lone surrogates and deep nesting are errors, not 500s
+                body = orjson.loads(await request.get_data(cache=False))
+            except orjson.JSONDecodeError:
+                body = None
             name = body.get("name") if isinstance(body, dict) else None
             sub = body.get("sub") if isinstance(body, dict) else None
             default_ttl = settings.dev_token_ttl_seconds
@@ -178,7 +218,9 @@ def create_blueprint(services: Services) -> Blueprint:
     @bp.websocket("/ws")
     async def ws() -> Response | None:
         peer = websocket.remote_addr
-        address = client_address(peer, websocket.headers.get("X-Forwarded-For"), settings)
+        address = client_address(
+            peer, _joined(websocket.headers.getlist("X-Forwarded-For")), settings
+        )
         try:
             principal = await _check_upgrade(services, address)
         except HandshakeRejected as rejection:
@@ -231,6 +273,12 @@ def create_blueprint(services: Services) -> Blueprint:
     return bp
 
 
+def _joined(values: Iterable[str]) -> str | None:
+    """Header lines of one name as one list (RFC 9110 section 5.3): a proxy may append its own
+    ``X-Forwarded-For`` line after the client's instead of extending it."""
+    return ", ".join(values) or None
+
+
 async def _leave_all(session: Session) -> None:
     try:
         await session.close()
@@ -238,13 +286,17 @@ async def _leave_all(session: Session) -> None:
         log.exception("leaving rooms failed", extra={"conn_id": session.conn_id})
 
 
+def _shutting_down() -> HandshakeRejected:
+    return HandshakeRejected(
+        503, "shutting_down", "the server is shutting down", {"Retry-After": "5"}
+    )
+
+
 async def _check_upgrade(services: Services, address: str) -> Principal:
     """Every check before the upgrade, cheapest first; raises :class:`HandshakeRejected`."""
     settings = services.settings
     if services.draining:
-        raise HandshakeRejected(
-            503, "shutting_down", "the server is shutting down", {"Retry-After": "5"}
-        )
+        raise _shutting_down()
     wait_seconds = await services.attempts.hit(address_key(address))
     if wait_seconds is not None:
         raise HandshakeRejected(
@@ -257,5 +309,7 @@ async def _check_upgrade(services: Services, address: str) -> Principal:
         raise HandshakeRejected(403, "origin_not_allowed", "this origin may not connect")
     token = extract_token(websocket.headers.get("Authorization"), websocket.query_string)
     principal = await services.verifier.verify(token)
+    if services.draining:  # shutdown began while the token was verified; nothing awaits below
+        raise _shutting_down()
     services.slots.acquire(principal.user_id)
     return principal

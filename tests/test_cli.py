@@ -1,0 +1,278 @@
+"""Tests for ``python -m gateway``: token, dev-setup, and serve's refusal in production.
+
+Each command runs in a real subprocess (``sys.executable -m gateway``) with an environment
+free of the caller's GATEWAY_* variables and a temporary working directory, so nothing in the
+checkout's certs/ is read or written.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+import stat
+import sys
+import time
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from gateway import __main__ as cli
+from gateway.auth import TokenVerifier
+from gateway.errors import AuthError
+from gateway.settings import DEV_CERT_FILE, DEV_KEY_FILE, DEV_SECRET_FILE, Settings
+from tests.helpers import TEST_SECRET, make_settings, timeout
+
+__all__: list[str] = []
+
+
+@dataclass
+class Result:
+    status: int
+    stdout: str
+    stderr: str
+
+
+def clean_env(**gateway_env: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("GATEWAY_")}
+    env.update(gateway_env)
+    return env
+
+
+async def gateway_cli(*args: str, env: Mapping[str, str], cwd: Path) -> Result:
+    process = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "gateway",
+        *args,
+        env=dict(env),
+        cwd=cwd,
+        stdin=asyncio.subprocess.DEVNULL,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    try:
+        async with asyncio.timeout(timeout(30)):
+            stdout, stderr = await process.communicate()
+    finally:
+        if process.returncode is None:
+            process.kill()
+            await process.wait()
+    assert process.returncode is not None
+    return Result(process.returncode, stdout.decode(), stderr.decode())
+
+
+# --- token ---------------------------------------------------------------------------------
+
+
+TOKEN_ARGS = ("token", "--sub", "alice", "--name", "Alice", "--rooms", "lobby,dev", "--ttl", "60")
+
+
+async def test_token_prints_a_token_the_verifier_accepts(tmp_path: Path) -> None:
+    result = await gateway_cli(
+        *TOKEN_ARGS, env=clean_env(GATEWAY_JWT_SECRET=TEST_SECRET), cwd=tmp_path
+    )
+    assert (result.status, result.stderr) == (0, "")
+    token = result.stdout.strip()
+    assert result.stdout == token + "\n"
+    principal = await TokenVerifier(make_settings()).verify(token)
+    assert principal.user_id == "alice"
+    assert principal.name == "Alice"
+    assert principal.rooms == frozenset({"lobby", "dev"})
+    assert principal.expires_at is not None
+    assert 50 <= principal.expires_at - time.time() <= 61
+
+
+async def test_the_token_is_signed_with_the_configured_secret(tmp_path: Path) -> None:
+    result = await gateway_cli(
+        *TOKEN_ARGS, env=clean_env(GATEWAY_JWT_SECRET=TEST_SECRET), cwd=tmp_path
+    )
+    other = make_settings({"GATEWAY_JWT_SECRET": "another-secret-" + "y" * 40})
+    with pytest.raises(AuthError) as caught:
+        await TokenVerifier(other).verify(result.stdout.strip())
+    assert caught.value.reason == "bad_signature"
+
+
+async def test_token_from_the_secret_file_after_dev_setup(tmp_path: Path) -> None:
+    assert (await gateway_cli("dev-setup", env=clean_env(), cwd=tmp_path)).status == 0
+    result = await gateway_cli("token", "--sub", "bob", env=clean_env(), cwd=tmp_path)
+    assert result.status == 0, result.stderr
+    secret = (tmp_path / DEV_SECRET_FILE).read_text().strip()
+    principal = await TokenVerifier(make_settings({"GATEWAY_JWT_SECRET": secret})).verify(
+        result.stdout.strip()
+    )
+    assert (principal.user_id, principal.name) == ("bob", "bob")
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ("--sub", "alice", "--rooms", "lobby,bad room"),
+        ("--sub", "alice", "--rooms", "x" * 65),
+        ("--sub", "alice", "--name", "Al\x1bice"),
+        ("--sub", "alice", "--name", "x" * 65),
+        ("--sub", "", "--name", "Alice"),
+        ("--sub", "alice", "--ttl", "nan"),
+        ("--sub", "alice", "--ttl", "inf"),
+        ("--sub", "alice", "--ttl", "-5"),
+        ("--sub", "alice", "--ttl", "0"),
+    ],
+)
+async def test_token_refuses_invalid_claims(tmp_path: Path, args: tuple[str, ...]) -> None:
+    env = clean_env(GATEWAY_JWT_SECRET=TEST_SECRET)
+    result = await gateway_cli("token", *args, env=env, cwd=tmp_path)
+    assert result.status == 2
+    assert result.stdout == ""
+    assert result.stderr.startswith("gateway: ")
+    assert "Traceback" not in result.stderr
+    assert TEST_SECRET not in result.stderr
+
+
+async def test_token_without_a_secret_says_so(tmp_path: Path) -> None:
+    result = await gateway_cli("token", "--sub", "alice", env=clean_env(), cwd=tmp_path)
+    assert result.status == 2
+    assert "GATEWAY_JWT_SECRET" in result.stderr
+    assert result.stdout == ""
+
+
+@pytest.mark.parametrize("args", [(), ("token",), ("nonsense",), ("token", "--sub")])
+async def test_usage_errors_exit_2(tmp_path: Path, args: tuple[str, ...]) -> None:
+    result = await gateway_cli(*args, env=clean_env(), cwd=tmp_path)
+    assert result.status == 2
+    assert "usage: gateway" in result.stderr
+
+
+# --- serve refuses a weak production configuration -----------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("secret", "secret_problem"),
+    [
+        ("Zq9-weak-Xv4", "shorter than 32 bytes"),
+        ("please-change-this-secret-in-production-now", "well-known default"),
+    ],
+)
+@pytest.mark.parametrize("command", [("serve",), ("token", "--sub", "alice")])
+async def test_production_refuses_and_lists_every_problem(
+    tmp_path: Path, secret: str, secret_problem: str, command: tuple[str, ...]
+) -> None:
+    env = clean_env(
+        GATEWAY_ENV="production",
+        GATEWAY_JWT_SECRET=secret,
+        GATEWAY_TLS_KEY_FILE=str(tmp_path / "missing-key.pem"),  # cert not set at all
+        GATEWAY_DEV_TOKEN_ENDPOINT="true",
+    )
+    result = await gateway_cli(*command, env=env, cwd=tmp_path)
+    assert result.status == 2
+    assert result.stdout == ""
+    problems = [line for line in result.stderr.splitlines() if line.startswith("  - ")]
+    assert len(problems) == 5, result.stderr
+    for expected in (
+        secret_problem,
+        "GATEWAY_TLS_CERT_FILE is required",
+        "GATEWAY_TLS_KEY_FILE: " + str(tmp_path / "missing-key.pem") + " does not exist",
+        "GATEWAY_DEV_TOKEN_ENDPOINT must be off",
+        "GATEWAY_ALLOWED_ORIGINS is required",
+    ):
+        assert any(expected in problem for problem in problems), expected
+    assert secret not in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+async def test_a_bad_value_is_reported_not_raised(tmp_path: Path) -> None:
+    env = clean_env(GATEWAY_JWT_SECRET=TEST_SECRET, GATEWAY_PORT="http", GATEWAY_BACKLOG="7")
+    result = await gateway_cli("serve", env=env, cwd=tmp_path)
+    assert result.status == 2
+    assert "GATEWAY_PORT" in result.stderr
+    assert "GATEWAY_BACKLOG" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+# --- dev-setup -----------------------------------------------------------------------------
+
+
+def mode(path: Path) -> int:
+    return stat.S_IMODE(path.stat().st_mode)
+
+
+async def test_dev_setup_writes_the_files_once(tmp_path: Path) -> None:
+    first = await gateway_cli("dev-setup", env=clean_env(), cwd=tmp_path)
+    assert (first.status, first.stderr) == (0, "")
+    assert first.stdout.splitlines() == [
+        f"wrote {DEV_CERT_FILE}",
+        f"wrote {DEV_KEY_FILE}",
+        f"wrote {DEV_SECRET_FILE}",
+    ]
+    cert, key, secret = (
+        tmp_path / DEV_CERT_FILE,
+        tmp_path / DEV_KEY_FILE,
+        tmp_path / DEV_SECRET_FILE,
+    )
+    assert cert.read_bytes().startswith(b"-----BEGIN CERTIFICATE-----")
+    assert b"PRIVATE KEY" in key.read_bytes()
+    assert mode(key) == 0o600
+    assert mode(secret) == 0o600
+    contents = [path.read_bytes() for path in (cert, key, secret)]
+
+    second = await gateway_cli("dev-setup", env=clean_env(), cwd=tmp_path)
+    assert (second.status, second.stdout, second.stderr) == (0, "", "")
+    assert [path.read_bytes() for path in (cert, key, secret)] == contents
+
+
+# --- serve's start-up lines (in process, with the server itself replaced) -------------------
+
+
+@pytest.fixture
+def restore_root_logger() -> Iterator[None]:
+    root = logging.getLogger()
+    handlers, level = root.handlers[:], root.level
+    yield
+    root.handlers[:] = handlers
+    root.setLevel(level)
+
+
+@pytest.mark.usefixtures("restore_root_logger")
+@pytest.mark.parametrize(
+    ("env", "url", "warns"),
+    [
+        ({}, "https://localhost:3001/", True),
+        ({"GATEWAY_HOST": "::", "GATEWAY_TLS": "proxy"}, "http://[::]:3001/", True),
+        (
+            {
+                "GATEWAY_ENV": "production",
+                "GATEWAY_TLS": "proxy",
+                "GATEWAY_ALLOWED_ORIGINS": "https://chat.example.com",
+            },
+            "http://localhost:3001/",
+            False,
+        ),
+    ],
+)
+def test_serve_announces_itself_in_json_lines(
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+    env: dict[str, str],
+    url: str,
+    warns: bool,
+) -> None:
+    for name in [n for n in os.environ if n.startswith("GATEWAY_")]:
+        monkeypatch.delenv(name)
+    monkeypatch.setenv("GATEWAY_JWT_SECRET", TEST_SECRET)
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    started: list[Settings] = []
+    monkeypatch.setattr("gateway.server.run", started.append)
+    assert cli.main(["serve"]) == 0
+    assert len(started) == 1
+    captured = capsys.readouterr()
+    assert captured.out == ""
+    entries = [json.loads(line) for line in captured.err.splitlines()]
+    assert all(isinstance(entry, dict) for entry in entries)
+    (starting,) = [e for e in entries if e["event"] == "gateway starting"]
+    assert starting["env"] == env.get("GATEWAY_ENV", "development")
+    assert starting["url"] == url
+    assert any("DEVELOPMENT MODE" in e["event"] for e in entries) is warns
+    assert TEST_SECRET not in captured.err
