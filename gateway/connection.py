@@ -69,16 +69,15 @@ async def _write(socket: Socket, session: Session) -> None:
 
 
 async def _watch_expiry(session: Session, clock: Callable[[], float]) -> None:
-    """Sleep until the token expires; a refresh moves the expiry, so look again on waking."""
+    """Wait until the token expires; a refresh (later or sooner) makes it look again at once."""
     while True:
+        session.expiry_changed.clear()
         expires_at = session.expires_at
-        if expires_at is None:
-            await asyncio.Event().wait()  # never expires: wait to be cancelled
-            return
-        remaining = expires_at - clock()
-        if remaining <= 0:
+        remaining = None if expires_at is None else expires_at - clock()
+        if remaining is not None and remaining <= 0:
             raise ConnectionClosing(CloseCode.TOKEN_EXPIRED)
-        await asyncio.sleep(remaining)
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(session.expiry_changed.wait(), remaining)
 
 
 async def run_connection(
@@ -120,7 +119,11 @@ async def run_connection(
                 extra={"conn_id": session.conn_id, "close_code": int(code)},
             )
     session.request_close(code)
-    with contextlib.suppress(TimeoutError):
+    try:
         async with asyncio.timeout(CLOSE_TIMEOUT_SECONDS):
             await socket.close(int(code), CLOSE_REASONS[code])
+    except TimeoutError:
+        log.info("close frame not delivered in time", extra={"conn_id": session.conn_id})
+    except Exception:  # the peer is gone: nothing more to tell it
+        log.debug("close failed", exc_info=True, extra={"conn_id": session.conn_id})
     return code

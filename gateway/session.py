@@ -76,6 +76,8 @@ class Session:
         self._rate_abuse = ViolationWindow(settings.max_rate_violations, window, clock=monotonic)
         self.close_code: CloseCode | None = None
         self.close_requested = asyncio.Event()
+        #: Set by a refresh: the expiry watcher looks at the new expiry at once.
+        self.expiry_changed = asyncio.Event()
         self.frames_in = 0
         self.frames_out = 0
 
@@ -298,6 +300,7 @@ class Session:
                 pointer="/token",
             )
         self.principal = principal
+        self.expiry_changed.set()
         # A new token may grant fewer rooms: leave those it no longer grants.
         for room in sorted(self.joined - self.allowed_rooms):
             await self._part(room)

@@ -228,6 +228,18 @@ async def test_a_refresh_moves_the_expiry_the_watcher_waits_for(world: World) ->
     assert await task is CloseCode.GOING_AWAY
 
 
+async def test_a_refresh_to_a_sooner_expiry_is_enforced_at_once(world: World) -> None:
+    session = await world.session("alice")  # expires in an hour
+    sooner = orjson.dumps({"type": "refresh", "token": world.token("alice", ttl_seconds=60)})
+    socket = FakeSocket()
+    # The watcher's clock is 100 s on: the old token has an hour left, the new one is past.
+    task = asyncio.create_task(serve(socket, session, lambda: NOW_SECONDS + 100))
+    await socket.wait_sent(1)
+    socket.feed(sooner.decode())
+    async with asyncio.timeout(timeout(5)):
+        assert await task is CloseCode.TOKEN_EXPIRED
+
+
 async def test_a_token_without_expiry_is_never_closed_4001(world: World) -> None:
     session = await world.session("alice")
     session.principal = dataclasses.replace(session.principal, expires_at=None)
