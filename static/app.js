@@ -16,11 +16,12 @@
 //   #composer (form), #message-input, #send-button
 //   window.chatClient: reconnectDelayMs, closeAction, refreshDelayMs, checkOutgoing, typingText, errorText,
 //                    reconnectDelays (every backoff delay scheduled, ms), reconnectOptions ({baseMs, capMs,
-//                    random?}: read at each scheduling; a window.chatClient.reconnectOptions set by an init
-//                    script before this module runs is merged in), state (read-only snapshot).
+//                    stableMs, random?}: read at each use; a window.chatClient.reconnectOptions set by an
+//                    init script before this module runs is merged in), state (read-only snapshot).
 
 export const DEFAULT_LIMITS = Object.freeze({ max_message_bytes: 16384, max_chat_chars: 2000 });
-const STABLE_MS = 10_000; // a connection this old resets the backoff (not on open: avoids accept-then-close loops)
+const STABLE_MS = 10_000; // default stableMs: a connection this old resets the backoff (not on open: avoids
+// accept-then-close loops)
 const [TYPING_EVERY_MS, TYPING_IDLE_MS, TYPING_SHOWN_MS] = [2000, 3000, 5000];
 const [PING_EVERY_MS, PONG_WAIT_MS, MAX_LOG] = [25_000, 10_000, 500];
 const ROOM_RE = /^[A-Za-z0-9_.:-]{1,64}$/;
@@ -140,7 +141,7 @@ function startApp() {
   const api = {
     reconnectDelayMs, closeAction, refreshDelayMs, checkOutgoing, typingText, errorText,
     reconnectDelays: [],
-    reconnectOptions: { baseMs: 500, capMs: 15000, ...window.chatClient?.reconnectOptions },
+    reconnectOptions: { baseMs: 500, capMs: 15000, stableMs: STABLE_MS, ...window.chatClient?.reconnectOptions },
     get state() {
       return { conn: S.conn, attempt: S.attempt, user: S.user, active: S.active, joined: [...S.rooms.values()]
         .filter((r) => r.joined).map((r) => r.name), pending: S.pending.size, expiresAt: S.expiresAt };
@@ -386,7 +387,8 @@ function startApp() {
       scheduleRefresh();
       [ui.me.textContent, ui.me.dataset.userId] = [S.user.name, S.user.id];
       if (ui.notice.dataset.code?.startsWith("close-")) notify("");
-      S.t.stable = setTimeout(() => { S.attempt = 0; }, STABLE_MS);
+      const stableMs = Number(api.reconnectOptions.stableMs);
+      S.t.stable = setTimeout(() => { S.attempt = 0; }, stableMs >= 0 ? stableMs : STABLE_MS);
       S.t.ping = setInterval(() => {
         if (send({ type: "ping" }) && !S.t.pong) S.t.pong = setTimeout(dropDeadConnection, PONG_WAIT_MS);
       }, PING_EVERY_MS);
@@ -561,7 +563,7 @@ function startApp() {
   }
   function startSession() {
     showChat(true);
-    S.attempt = 0;
+    [S.attempt, S.refocus] = [0, true]; // keyboard users land in the composer once it is usable
     connect();
   }
 

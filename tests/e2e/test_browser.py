@@ -1,0 +1,505 @@
+"""The chat page, proven in a real browser: headless Chromium against a real TLS gateway.
+
+Each test drives static/index.html and static/app.js the way a person would (the form, the
+keyboard, the buttons) and reads the page through the hooks listed at the top of app.js.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import re
+import ssl
+import time
+from collections.abc import AsyncIterator, Callable, Mapping
+from contextlib import asynccontextmanager
+from pathlib import Path
+
+import pytest
+from playwright.async_api import Browser, expect
+
+from tests.e2e.browser import (
+    ARTIFACTS_DIR,
+    ChatPage,
+    RestartableGateway,
+    gateway_env,
+    launch_chromium,
+    open_chat,
+    wait_ms,
+)
+from tests.e2e.conftest import Gateway, StartGateway
+from tests.helpers import timeout
+
+pytestmark = pytest.mark.e2e
+
+
+@pytest.fixture
+async def browser() -> AsyncIterator[Browser]:
+    async with launch_chromium() as chromium:
+        yield chromium
+
+
+class Pages:
+    """Opens chat pages, one browser context each; closes every context at teardown."""
+
+    def __init__(self, browser: Browser) -> None:
+        self.browser = browser
+        self.opened: list[ChatPage] = []
+
+    async def open(
+        self, base_url: str, *, reconnect_options: Mapping[str, float] | None = None
+    ) -> ChatPage:
+        page = await open_chat(self.browser, base_url, reconnect_options=reconnect_options)
+        self.opened.append(page)
+        return page
+
+    async def close(self) -> None:
+        while self.opened:
+            await self.opened.pop().context.close()
+
+
+@pytest.fixture
+async def pages(browser: Browser) -> AsyncIterator[Pages]:
+    opened = Pages(browser)
+    try:
+        yield opened
+    finally:
+        await opened.close()
+
+
+@pytest.fixture
+def serve_pages(start_gateway: StartGateway, pages: Pages) -> StartGateway:
+    """``start_gateway``, closing every page before the server stops: a page still open would
+    reconnect into the shutdown, which is what the restart tests are for, not these."""
+
+    @asynccontextmanager
+    async def start(**env: str) -> AsyncIterator[Gateway]:
+        async with start_gateway(**env) as gw:
+            try:
+                yield gw
+            finally:
+                await pages.close()
+
+    return start
+
+
+@pytest.fixture
+async def restartable(
+    tls_files: tuple[Path, Path], client_ssl: ssl.SSLContext
+) -> AsyncIterator[Callable[..., RestartableGateway]]:
+    """``restartable(GATEWAY_X="...")``: a gateway the test stops and starts on one port."""
+    made: list[RestartableGateway] = []
+
+    def make(**env: str) -> RestartableGateway:
+        made.append(RestartableGateway(gateway_env(tls_files, **env), client_ssl))
+        return made[-1]
+
+    try:
+        yield make
+    finally:
+        for gw in made:
+            await gw.stop()
+
+
+# ---- 1. two people ----
+
+
+async def test_two_users_see_messages_members_presence_and_typing(
+    serve_pages: StartGateway, pages: Pages, capsys: pytest.CaptureFixture[str]
+) -> None:
+    async with serve_pages() as gw:
+        alice = await pages.open(gw.base_url)
+        await alice.sign_in("alice")
+        bob = await pages.open(gw.base_url)
+        await bob.sign_in("bob")
+        alice_id, bob_id = await alice.user_id(), await bob.user_id()
+        assert alice_id != bob_id
+
+        # Members: both pages list both people, from the joined list and the presence event.
+        for page, me, other, other_name in (
+            (alice, alice_id, bob_id, "bob"),
+            (bob, bob_id, alice_id, "alice"),
+        ):
+            await expect(page.members).to_have_count(2)
+            await expect(page.member_count).to_have_text("2")
+            await expect(page.page.locator(f'#members > li[data-user-id="{other}"]')).to_have_text(
+                other_name
+            )
+            await expect(page.page.locator(f'#members > li[data-user-id="{me}"]')).to_contain_text(
+                "(you)"
+            )
+
+        # A message typed in one page appears in the other, under the name from the token.
+        await alice.send("hello bob")
+        seen = bob.message("hello bob")
+        await expect(seen).to_have_count(1)
+        await expect(seen).to_have_attribute("data-user-id", alice_id)
+        await expect(seen).to_have_attribute("data-own", "false")
+        await expect(seen).to_have_attribute("data-id", re.compile(r"^[1-9]\d*$"))
+        await expect(seen.locator(".msg-from")).to_have_text("alice")
+        await bob.send("hi alice, how are you?")
+        await expect(alice.message("hi alice, how are you?").locator(".msg-from")).to_have_text(
+            "bob"
+        )
+        await expect(alice.messages.locator(".msg-text")).to_have_text(
+            ["hello bob", "hi alice, how are you?"]
+        )
+        await expect(bob.messages.locator(".msg-text")).to_have_text(
+            ["hello bob", "hi alice, how are you?"]
+        )
+
+        # Typing: shown in the other page only, cleared when the input is emptied. The page
+        # hides a typing line by itself after 5 s: clearing well before that proves the
+        # typing:false frame.
+        await bob.input.press_sequentially("fine, thanks")
+        await expect(alice.typing).to_have_text("bob is typing…")
+        await expect(bob.typing).to_have_text("")
+
+        ARTIFACTS_DIR.mkdir(exist_ok=True)
+        shots = [ARTIFACTS_DIR / "two-users-alice.png", ARTIFACTS_DIR / "two-users-bob.png"]
+        await alice.page.screenshot(path=str(shots[0]))
+        await bob.page.screenshot(path=str(shots[1]))
+        with capsys.disabled():
+            print("\nscreenshots: " + " ".join(str(p) for p in shots))
+
+        typing_frames = len(bob.frames_of("sent", "typing"))
+        await bob.input.press("Control+a")
+        await bob.input.press("Backspace")
+        await expect(alice.typing).to_have_text("", timeout=wait_ms(2))
+        stops = [f.data for f in bob.frames_of("sent", "typing")[typing_frames:]]
+        assert stops == [{"type": "typing", "room": "lobby", "typing": False}]
+
+        # Bob signs out: Alice's member list shrinks.
+        await bob.page.get_by_role("button", name="Sign out").click()
+        await expect(bob.page.locator("#signin-panel")).to_be_visible()
+        await expect(alice.members).to_have_count(1)
+        await expect(alice.member_count).to_have_text("1")
+        await expect(alice.page.locator(f'#members > li[data-user-id="{bob_id}"]')).to_have_count(0)
+
+        # Bob comes back, then closes his page: joins and leaves again.
+        await bob.sign_in("bob")
+        await expect(alice.members).to_have_count(2)
+        await bob.page.close()
+        await expect(alice.members).to_have_count(1)
+        await expect(alice.members).to_have_text(["alice (you)"])
+        await alice.send("still here")
+        alice.assert_clean()
+        bob.assert_clean()
+
+
+# ---- 2. connection state ----
+
+
+async def test_connection_state_survives_a_server_restart(
+    restartable: Callable[..., RestartableGateway], pages: Pages
+) -> None:
+    server = restartable()
+    await server.start()
+    alice = await pages.open(server.base_url, reconnect_options={"baseMs": 200, "capMs": 1000})
+    await expect(alice.state).to_have_attribute("data-state", "disconnected")
+    await alice.sign_in("alice")
+    states = await alice.states()
+    assert states[-2:] == ["connecting", "connected"], states
+    await expect(alice.state).to_have_text("Connected")
+    await expect(alice.page.locator("#live")).to_have_text("Connected")
+    await alice.send("before the restart")
+
+    await server.stop()
+    await expect(alice.state).to_have_attribute(
+        "data-state", re.compile(r"^(reconnecting|disconnected)$")
+    )
+    await expect(alice.state).to_have_text(re.compile(r"^Reconnecting in \d+ s…$"))
+    await expect(alice.send_button).to_be_disabled()
+    await expect(alice.input).to_be_disabled()
+    # It keeps failing while the server is down, and says so.
+    await alice.page.wait_for_function(
+        "() => window.chatClient.reconnectDelays.length >= 3", timeout=wait_ms(10)
+    )
+    assert await alice.client("state.conn") != "connected"
+    await expect(alice.send_button).to_be_disabled()
+
+    gw = await server.start()
+    await alice.wait_in_room("lobby", wait_seconds=10)
+    await expect(alice.state).to_have_text("Connected")
+    # It re-joined the lobby on the server, not only in its own view.
+    bob = await gw.user("bob")
+    joined = await bob.join("lobby")
+    assert {m["name"] for m in joined["members"]} == {"alice", "Bob"}
+    await alice.send("after the restart")
+    frame = await bob.recv_type("chat")
+    assert (frame["message"], frame["from"]["name"]) == ("after the restart", "alice")
+    await bob.close()
+    assert "connecting" in (await alice.states())[-3:]
+    await expect(alice.messages.locator(".msg-text")).to_have_text(
+        ["before the restart", "after the restart"]
+    )
+    alice.assert_clean(server_went_down=True)
+
+
+# ---- 3. backoff ----
+
+
+def _attempt_caps(count: int, base_ms: float, cap_ms: float) -> list[float]:
+    return [min(cap_ms, base_ms * 2**n) for n in range(count)]
+
+
+async def test_reconnect_backoff_grows_is_jittered_capped_and_resets(
+    restartable: Callable[..., RestartableGateway], pages: Pages
+) -> None:
+    base_ms, cap_ms, stable_ms, attempts = 50, 1000, 2000, 10
+    options = {"baseMs": base_ms, "capMs": cap_ms, "stableMs": stable_ms}
+    server = restartable()
+    await server.start()
+    people = [await pages.open(server.base_url, reconnect_options=options) for _ in range(2)]
+    for name, page in zip(("alice", "bob"), people, strict=True):
+        await page.sign_in(name)
+
+    await server.stop()
+    caps = _attempt_caps(attempts, base_ms, cap_ms)
+    sequences: list[list[float]] = []
+    for page in people:
+        await page.page.wait_for_function(
+            f"() => window.chatClient.reconnectDelays.length >= {attempts}", timeout=wait_ms(20)
+        )
+        delays: list[float] = (await page.client("reconnectDelays"))[:attempts]
+        # Each delay is within its attempt's window, which doubles up to the cap...
+        for n, (delay, cap) in enumerate(zip(delays, caps, strict=True)):
+            assert 0 <= delay <= cap, (n, delays)
+        assert max(delays) <= cap_ms
+        # ...so the largest delay rises as the attempts go on (full jitter: single delays are
+        # noisy; the first two are at most 100 ms, six later ones up to 1000 ms each).
+        assert max(delays[:2]) < max(delays[4:]), delays
+        # Jittered: not every delay sits at the same fraction of its window.
+        assert len({round(d / c, 6) for d, c in zip(delays, caps, strict=True)}) > 1, delays
+        sequences.append(delays)
+    assert sequences[0] != sequences[1]
+
+    # A connection that lasts stableMs resets the backoff: not at once (accept-then-close loops
+    # must keep backing off), but after the threshold.
+    await server.start()
+
+    async def attempt_once_back(page: ChatPage) -> int:
+        await page.wait_in_room("lobby", wait_seconds=10)
+        attempt: int = await page.client("state.attempt")
+        return attempt
+
+    assert all(n > 0 for n in await asyncio.gather(*map(attempt_once_back, people)))
+    for page in people:
+        await page.page.wait_for_function(
+            "() => window.chatClient.state.attempt === 0", timeout=wait_ms(stable_ms / 1000 + 5)
+        )
+    before = [len(await page.client("reconnectDelays")) for page in people]
+    await server.stop()
+    for page, count in zip(people, before, strict=True):
+        await page.page.wait_for_function(
+            f"() => window.chatClient.reconnectDelays.length >= {count + 3}", timeout=wait_ms(10)
+        )
+        fresh: list[float] = (await page.client("reconnectDelays"))[count : count + 3]
+        for delay, cap in zip(fresh, _attempt_caps(3, base_ms, cap_ms), strict=True):
+            assert 0 <= delay <= cap, fresh
+        page.assert_clean(server_went_down=True)
+
+
+# ---- 4. injection ----
+
+
+async def test_markup_in_messages_and_names_is_shown_as_text(
+    serve_pages: StartGateway, pages: Pages
+) -> None:
+    evil_name = '<img src=x onerror="window.__pwned=1">'
+    payloads = ['<img src=x onerror="window.__pwned=1">', "<script>window.__pwned=1</script>"]
+    async with serve_pages() as gw:
+        alice = await pages.open(gw.base_url)
+        await alice.sign_in(evil_name)
+        bob = await pages.open(gw.base_url)
+        await bob.sign_in("bob")
+        for payload in payloads:
+            await alice.send(payload)
+        await expect(bob.messages.locator(".msg-text")).to_have_text(payloads)
+        await expect(bob.messages.locator(".msg-from")).to_have_text([evil_name, evil_name])
+        await expect(bob.members).to_have_count(2)
+        assert sorted(await bob.members.all_text_contents()) == sorted(["bob (you)", evil_name])
+        await expect(alice.page.locator("#me")).to_have_text(evil_name)
+        await expect(alice.messages.locator(".msg-text")).to_have_text(payloads)
+        for page in (alice, bob):
+            # The CSP would stop an inline handler anyway: the element checks are what fail if
+            # the page ever renders data as HTML.
+            assert await page.page.evaluate("typeof window.__pwned") == "undefined"
+            assert await page.page.locator("#messages img, #messages script").count() == 0
+            assert (
+                await page.page.locator(
+                    "body img, body script, #members li *, #me *, .msg-from *"
+                ).count()
+                == 0
+            )
+            page.assert_clean()
+
+
+# ---- 5. token expiry ----
+
+
+async def test_page_keeps_working_across_token_expiries_without_losing_messages(
+    serve_pages: StartGateway, pages: Pages
+) -> None:
+    ttl_seconds = 5
+    async with serve_pages(
+        GATEWAY_DEV_TOKEN_TTL_SECONDS=str(ttl_seconds), GATEWAY_JWT_LEEWAY_SECONDS="0"
+    ) as gw:
+        alice = await pages.open(gw.base_url)
+        await alice.sign_in("alice")
+        first_expiry_ms: int = await alice.client("state.expiresAt")
+        assert abs(first_expiry_ms - (time.time() + ttl_seconds) * 1000) < 3000
+        bob = await gw.user("bob")
+        await bob.join("lobby")
+
+        # Bob talks steadily until Alice's page has outlived three of its tokens.
+        sent: list[str] = []
+        expiries = {first_expiry_ms}
+        deadline = time.monotonic() + timeout(4 * ttl_seconds + 10)
+        while len(expiries) < 4 or time.time() * 1000 < first_expiry_ms + 2 * ttl_seconds * 1000:
+            assert time.monotonic() < deadline, f"token renewed {len(expiries) - 1} times"
+            text = f"bob #{len(sent) + 1}"
+            ack = await bob.request({"type": "chat", "room": "lobby", "message": text}, "chat")
+            assert ack["message"] == text
+            sent.append(text)
+            expiries.add(await alice.client("state.expiresAt"))
+            await asyncio.sleep(0.3)
+
+        await expect(alice.messages.locator(".msg-text")).to_have_text(sent)
+        ids = [
+            int(i or 0)
+            for i in await alice.messages.evaluate_all("els => els.map(e => e.dataset.id)")
+        ]
+        assert ids == sorted(ids) and len(set(ids)) == len(ids)
+        # The page renewed in place: refresh frames answered by refreshed, no reconnect.
+        assert len(alice.frames_of("sent", "refresh")) >= 3
+        assert len(alice.frames_of("received", "refreshed")) >= 3
+        assert await alice.states() == ["disconnected", "connecting", "connected"]
+        assert sorted(expiries)[-1] > first_expiry_ms + 2 * ttl_seconds * 1000
+        await alice.send("alice after the expiries")
+        assert (await bob.recv_type("chat"))["message"] == "alice after the expiries"
+        await bob.close()
+        alice.assert_clean()
+
+
+# ---- 6. limits ----
+
+
+async def test_message_over_the_size_cap_is_refused_with_a_clear_notice(
+    serve_pages: StartGateway, pages: Pages
+) -> None:
+    async with serve_pages(GATEWAY_MAX_MESSAGE_BYTES="512") as gw:
+        alice = await pages.open(gw.base_url)
+        await alice.sign_in("alice")
+        # 150 emoji: 150 characters, 300 UTF-16 units, 600 UTF-8 bytes. Only bytes count.
+        too_big = "\U0001f600" * 150
+        await alice.input.fill(too_big)
+        await alice.input.press("Enter")
+        await expect(alice.notice).to_have_attribute("data-code", "too_long")
+        await expect(alice.notice).to_have_text(
+            re.compile(r"^Message too long \(\d+ of 512 bytes\)$")
+        )
+        await expect(alice.notice).to_be_visible()
+        await expect(alice.input).to_have_value(too_big)  # kept, to shorten
+        await expect(alice.input).to_be_focused()
+        await expect(alice.messages).to_have_count(0)
+
+        await alice.input.fill("a" * 2001)
+        await alice.input.press("Enter")
+        await expect(alice.notice).to_have_text("Message too long (2001 of 2000 characters)")
+        assert not alice.frames_of("sent", "chat")
+
+        await alice.send("a short one")
+        await expect(alice.state).to_have_attribute("data-state", "connected")
+        assert await alice.states() == ["disconnected", "connecting", "connected"]
+        alice.assert_clean()
+
+
+async def test_messages_sent_too_fast_get_a_clear_notice_then_go_through(
+    serve_pages: StartGateway, pages: Pages
+) -> None:
+    async with serve_pages(GATEWAY_RATE_BURST="2", GATEWAY_RATE_PER_SECOND="0.2") as gw:
+        alice = await pages.open(gw.base_url)
+        await alice.sign_in("alice")
+        # The join took one of two tokens, typing takes tokens too: a few messages run out.
+        failed_text = None
+        for n in range(1, 5):
+            text = f"quick {n}"
+            await alice.input.fill(text)
+            await alice.input.press("Enter")
+            outcome = alice.message(text).and_(
+                alice.page.locator('[data-status="sent"], [data-status="failed"]')
+            )
+            await expect(outcome).to_have_count(1)
+            if await outcome.get_attribute("data-status") == "failed":
+                failed_text = text
+                break
+        assert failed_text is not None, "never rate-limited"
+        await expect(alice.message(failed_text).locator(".msg-status")).to_have_text("not sent")
+        await expect(alice.notice).to_have_attribute("data-code", "rate_limited")
+        await expect(alice.notice).to_have_text(
+            re.compile(r"^You're sending too fast — try again in \d+ s$")
+        )
+        await expect(alice.notice).to_be_visible()
+        await expect(alice.state).to_have_attribute("data-state", "connected")
+        await expect(alice.input).to_have_value(failed_text)  # one Enter sends it again
+        await expect(alice.input).to_be_focused()
+
+        # Once allowed (retry_after_ms after the last refusal), the same Enter goes through.
+        refusals = [
+            f for f in alice.frames_of("received", "error") if f.data["code"] == "rate_limited"
+        ]
+        assert refusals and all(0 < f.data["retry_after_ms"] <= 5000 for f in refusals)
+        allowed_at = max(f.monotonic_seconds + f.data["retry_after_ms"] / 1000 for f in refusals)
+        await asyncio.sleep(max(0.0, allowed_at - time.monotonic()) + 0.2)
+        await alice.input.press("Enter")
+        sent = alice.message(failed_text).and_(alice.page.locator('[data-status="sent"]'))
+        await expect(sent).to_have_count(1)
+        await expect(sent).to_have_attribute("data-id", re.compile(r"^[1-9]\d*$"))
+        await expect(alice.message(failed_text)).to_have_count(2)  # the failed copy stays marked
+        await expect(alice.state).to_have_attribute("data-state", "connected")
+        assert await alice.states() == ["disconnected", "connecting", "connected"]
+        alice.assert_clean()
+
+
+# ---- 7. keyboard and screen readers ----
+
+
+async def test_keyboard_only_use_and_announcements(serve_pages: StartGateway, pages: Pages) -> None:
+    async with serve_pages() as gw:
+        alice = await pages.open(gw.base_url)
+        page = alice.page
+        name_field = page.get_by_label("Display name")
+        await expect(name_field).to_be_focused()
+        await page.keyboard.type("alice")
+        await page.keyboard.press("Enter")
+        await alice.wait_in_room("lobby")
+        await expect(page.locator("#live")).to_have_text("Connected")
+
+        message_field = page.get_by_label("Message", exact=True)
+        await expect(message_field).to_have_id("message-input")
+        await expect(message_field).to_be_focused()  # straight from the sign-in to the composer
+        log = page.get_by_role("log")
+        await expect(log).to_have_attribute("aria-live", "polite")
+        await expect(log).to_have_accessible_name("#lobby")
+
+        for text in ("typed with the keyboard", "and a second one"):
+            await page.keyboard.type(text)
+            await page.keyboard.press("Enter")
+            await expect(log.locator("li.msg").filter(has_text=text)).to_have_attribute(
+                "data-status", "sent"
+            )
+            await expect(message_field).to_be_focused()
+            await expect(message_field).to_have_value("")
+
+        # Another person's message lands in the live log region.
+        bob = await gw.user("bob")
+        await bob.join("lobby")
+        await bob.send({"type": "chat", "room": "lobby", "message": "heard you"})
+        arrived = log.locator("li.msg").filter(has_text="heard you")
+        await expect(arrived).to_have_count(1)
+        await expect(arrived.locator(".msg-from")).to_have_text("Bob")
+        await expect(message_field).to_be_focused()
+        await expect(page.get_by_role("button", name="Send")).to_be_enabled()
+        await expect(page.get_by_role("status")).to_have_id("notice")
+        await bob.close()
+        alice.assert_clean()
