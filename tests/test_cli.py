@@ -9,12 +9,11 @@ from __future__ import annotations
 
 import asyncio
 import json
-import logging
 import os
 import stat
 import sys
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -223,15 +222,6 @@ async def test_dev_setup_writes_the_files_once(tmp_path: Path) -> None:
 
 
 # --- serve's start-up lines (in process, with the server itself replaced) -------------------
-
-
-@pytest.fixture
-def restore_root_logger() -> Iterator[None]:
-    root = logging.getLogger()
-    handlers, level = root.handlers[:], root.level
-    yield
-    root.handlers[:] = handlers
-    root.setLevel(level)
 
 
 @pytest.mark.usefixtures("restore_root_logger")

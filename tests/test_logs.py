@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import logging
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -105,15 +104,6 @@ def test_a_surrogate_in_the_message_is_still_one_json_line() -> None:
     entry = formatted(record("name \udcff here", user_id=10**20))
     assert entry["event"] == "name \udcff here"
     assert entry["user_id"] == str(10**20)
-
-
-@pytest.fixture
-def restore_root_logger() -> Iterator[None]:
-    root = logging.getLogger()
-    handlers, level = root.handlers[:], root.level
-    yield
-    root.handlers[:] = handlers
-    root.setLevel(level)
 
 
 @pytest.mark.usefixtures("restore_root_logger")
