@@ -8,6 +8,11 @@ drains its outbox to the socket, each in its own task, until something ends the 
 * the token expires without a refresh (4001);
 * the client goes away (the ASGI layer cancels us: re-raised, never swallowed);
 * anything unexpected: close 1011, with the detail in the log and never on the wire.
+
+The reader stamps each frame's receipt time (:data:`gateway.hub.RECEIVED_MONOTONIC`) and the
+writer observes, after each write, how long a broadcast took from the frame that caused it.
+When the client closes first, :class:`BoundedWebsocketConnection` keeps its close code in the
+ASGI scope (:func:`transport_close_code`): Quart does not hand it to the handler.
 """
 
 from __future__ import annotations
@@ -16,15 +21,23 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Awaitable, Callable
-from typing import Any
+from collections.abc import Awaitable, Callable, Mapping
+from typing import Any, cast
 
+from hypercorn.typing import ASGIReceiveCallable, ASGIReceiveEvent
 from quart.asgi import ASGIWebsocketConnection
 
 from gateway.errors import CLOSE_REASONS, CloseCode, ConnectionClosing
+from gateway.hub import RECEIVED_MONOTONIC
 from gateway.session import Session
 
-__all__ = ["BoundedWebsocketConnection", "Socket", "run_connection"]
+__all__ = [
+    "CLOSE_CODE_SCOPE_KEY",
+    "BoundedWebsocketConnection",
+    "Socket",
+    "run_connection",
+    "transport_close_code",
+]
 
 log = logging.getLogger("gateway.connection")
 
@@ -33,14 +46,41 @@ log = logging.getLogger("gateway.connection")
 RECEIVE_QUEUE_FRAMES = 16
 #: How long a close frame may take to leave before we give up on a client that does not read.
 CLOSE_TIMEOUT_SECONDS = 2.0
+#: Where :class:`BoundedWebsocketConnection` leaves the ``websocket.disconnect`` event's code in
+#: the ASGI scope (a namespaced key, as the ASGI specification allows extensions to add).
+CLOSE_CODE_SCOPE_KEY = "gateway.close_code"
+#: The code of a disconnect event that carries none (ASGI 2.3: "defaults to 1005").
+_NO_STATUS = 1005
 
 
 class BoundedWebsocketConnection(ASGIWebsocketConnection):
-    """Quart's ASGI WebSocket handler with a bounded receive queue (Quart 0.22's is unbounded)."""
+    """Quart's ASGI WebSocket handler with a bounded receive queue (Quart 0.22's is unbounded),
+    and the close code of the ``websocket.disconnect`` event kept in the scope."""
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.queue = asyncio.Queue(maxsize=RECEIVE_QUEUE_FRAMES)
+
+    async def handle_messages(self, receive: ASGIReceiveCallable) -> None:
+        # Quart returns on websocket.disconnect and cancels the handler, dropping the code;
+        # keep it where the handler's clean-up finds it (the scope is the handler's too).
+        scope = cast(dict[str, Any], self.scope)
+
+        async def receive_recording_close() -> ASGIReceiveEvent:
+            event = await receive()
+            if event["type"] == "websocket.disconnect":
+                scope[CLOSE_CODE_SCOPE_KEY] = int(event.get("code", _NO_STATUS))
+            return event
+
+        await super().handle_messages(receive_recording_close)
+
+
+def transport_close_code(scope: Mapping[str, Any]) -> int | None:
+    """The close code of the connection's ``websocket.disconnect`` event, if one came: the
+    client's code when it closed first (RFC 6455 section 7.1.5), 1006 when the connection
+    dropped, 1009 or 1007 when the server's WebSocket layer refused a frame."""
+    code = scope.get(CLOSE_CODE_SCOPE_KEY)
+    return code if isinstance(code, int) else None
 
 
 class Socket:
@@ -60,12 +100,17 @@ class Socket:
 async def _read(socket: Socket, session: Session) -> None:
     while True:
         data = await socket.receive()
+        # This task's own context: the stamp reaches the broadcasts this frame causes.
+        RECEIVED_MONOTONIC.set(time.monotonic())
         await session.handle_frame(data)
 
 
 async def _write(socket: Socket, session: Session) -> None:
+    metrics = session.metrics
     while True:
-        await socket.send(await session.outbox.get())
+        item = await session.outbox.get()
+        await socket.send(item.text)
+        metrics.written(item.kind, item.received_monotonic, time.monotonic())
 
 
 async def _watch_expiry(session: Session, clock: Callable[[], float]) -> None:
@@ -109,7 +154,13 @@ async def run_connection(
             code = error.code
             log.info(
                 "closing connection",
-                extra={"conn_id": session.conn_id, "close_code": int(code), "why": str(error)},
+                extra={
+                    "conn_id": session.conn_id,
+                    "user_id": session.user_id,
+                    "client": session.client,
+                    "close_code": int(code),
+                    "why": str(error),
+                },
             )
         elif error is not None:
             code = CloseCode.INTERNAL_ERROR

@@ -7,15 +7,33 @@ member's outbox. Nothing here waits on a client: a full outbox closes its own co
 
 The hub also counts local members per room, so that this process subscribes to a room's
 broadcasts while, and only while, one of its connections is in it.
+
+Each envelope becomes one :class:`~gateway.outbox.Outgoing`, shared by every recipient: its
+type (for the sent-messages metric) is read once, and it carries when the frame that caused it
+was read (:data:`RECEIVED_MONOTONIC`), so each writer can observe the broadcast's latency.
 """
 
 from __future__ import annotations
 
+import time
+from collections.abc import Callable
+from contextvars import ContextVar
 from typing import Protocol
 
 from gateway.broker import Broker, Envelope
+from gateway.metrics import frame_kind
+from gateway.outbox import Outgoing
 
-__all__ = ["Hub", "Recipient"]
+__all__ = ["RECEIVED_MONOTONIC", "Hub", "Recipient"]
+
+#: ``time.monotonic()`` when the frame this task is handling was read from its socket. The
+#: connection's reader sets it before handing the frame to the session; the in-process broker
+#: delivers within the publisher's call, in the same context, so the hub sees it. A broadcast
+#: that arrives from another instance (a broker's listener task) has none: it is stamped on
+#: arrival.
+RECEIVED_MONOTONIC: ContextVar[float | None] = ContextVar(
+    "gateway_received_monotonic", default=None
+)
 
 
 class Recipient(Protocol):
@@ -27,14 +45,20 @@ class Recipient(Protocol):
     @property
     def user_id(self) -> str: ...
 
-    def deliver(self, text: str) -> None: ...
+    def deliver(self, item: Outgoing) -> None: ...
 
 
 class Hub:
-    """Local room membership and delivery of envelopes to local members."""
+    """Local room membership and delivery of envelopes to local members.
 
-    def __init__(self, broker: Broker) -> None:
+    Args:
+        broker: the broker this process subscribes through.
+        monotonic: the clock that stamps envelopes from other instances.
+    """
+
+    def __init__(self, broker: Broker, *, monotonic: Callable[[], float] = time.monotonic) -> None:
         self._broker = broker
+        self._monotonic = monotonic
         self._rooms: dict[str, dict[str, Recipient]] = {}
         self._subscriptions: dict[str, int] = {}
 
@@ -90,10 +114,18 @@ class Hub:
         members = self._rooms.get(envelope.room)
         if not members:
             return
+        received = RECEIVED_MONOTONIC.get()
+        if received is None:
+            received = self._monotonic()
+        kind = frame_kind(envelope.payload)
+        item = Outgoing(envelope.payload, kind, received)
+        echo = None
+        if envelope.echo_payload is not None:
+            echo = Outgoing(envelope.echo_payload, kind, received)
         for member in list(members.values()):
             if member.user_id == envelope.skip_user:
                 continue
-            if envelope.echo_payload is not None and member.conn_id == envelope.echo_conn:
-                member.deliver(envelope.echo_payload)
+            if echo is not None and member.conn_id == envelope.echo_conn:
+                member.deliver(echo)
             else:
-                member.deliver(envelope.payload)
+                member.deliver(item)

@@ -27,6 +27,11 @@
    ``ssl.SSLError`` out of the connection task: logged as an unhandled error per connection,
    and at shutdown it escapes ``serve()`` and aborts the graceful stop. The connection is
    closed either way; :class:`GatewayTCPServer` says so quietly.
+8. **The client's close code never reaches the app**: ``websocket.disconnect`` carries 1000
+   when the app had closed and 1006 otherwise, so a client's close 1000 or 4000 looks like a
+   dropped connection, and a frame refused by the WebSocket layer (1009, 1007) looks the same.
+   Here the event carries the code of the close frame that ended the connection (RFC 6455
+   section 7.1.5), when the app had not closed it itself.
 
 :func:`install` points Hypercorn's HTTP/1.1 and HTTP/2 protocols at the fixed stream and its
 asyncio runner at the fixed TCP server; server.py calls it and sets :class:`SafeAccessLogger`.
@@ -49,7 +54,12 @@ import hypercorn.protocol.h11
 from hypercorn.asyncio.tcp_server import TCPServer
 from hypercorn.logging import AccessLogAtoms, Logger
 from hypercorn.protocol.events import Event, Request, StreamClosed
-from hypercorn.protocol.ws_stream import FrameTooLargeError, WebsocketBuffer, WSStream
+from hypercorn.protocol.ws_stream import (
+    ASGIWebsocketState,
+    FrameTooLargeError,
+    WebsocketBuffer,
+    WSStream,
+)
 from hypercorn.typing import ResponseSummary, WWWScope
 from wsproto.connection import ConnectionState
 from wsproto.events import CloseConnection, Message, Ping, TextMessage
@@ -84,7 +94,7 @@ class ByteCountingBuffer(WebsocketBuffer):
 
 class GatewayWSStream(WSStream):
     """See the module docstring: no unrequested deflate, byte caps, 1009 really closes, no
-    lingering after close."""
+    lingering after close, the close code reaches the app."""
 
     permessage_deflate = False
 
@@ -92,12 +102,26 @@ class GatewayWSStream(WSStream):
         super().__init__(*args, **kwargs)
         self.buffer = ByteCountingBuffer(self.config.websocket_max_message_size)
         self._ended = asyncio.Event()
+        #: The code of the close frame that ended the connection when the app did not close it:
+        #: the client's, or ours for a frame the WebSocket layer refused.
+        self._close_code: int | None = None
 
     async def handle(self, event: Event) -> None:
         if isinstance(event, Request) and not self.permessage_deflate:
             headers = [(n, v) for n, v in event.headers if n.lower() != b"sec-websocket-extensions"]
             event = dataclasses.replace(event, headers=headers)
-        await super().handle(event)
+        if (
+            isinstance(event, StreamClosed)
+            and not self.closed
+            and self.app_put is not None
+            and self._close_code is not None
+            and self.state not in {ASGIWebsocketState.HTTPCLOSED, ASGIWebsocketState.CLOSED}
+        ):
+            # Hypercorn's StreamClosed branch, with the real code instead of 1006.
+            self.closed = True
+            await self.app_put({"type": "websocket.disconnect", "code": self._close_code})
+        else:
+            await super().handle(event)
         if self.closed:
             self._ended.set()
 
@@ -118,6 +142,7 @@ class GatewayWSStream(WSStream):
                     self.buffer.extend(event)
                 except FrameTooLargeError:
                     self.buffer.clear()
+                    self._close_code = CloseReason.MESSAGE_TOO_BIG.value
                     await self._send_wsproto_event(
                         CloseConnection(code=CloseReason.MESSAGE_TOO_BIG)
                     )
@@ -131,8 +156,10 @@ class GatewayWSStream(WSStream):
                 await self._send_wsproto_event(event.response())
             elif isinstance(event, CloseConnection):
                 if self.connection.state == ConnectionState.REMOTE_CLOSING:
+                    self._close_code = event.code  # the client closed first
                     await self._send_wsproto_event(event.response())
                 elif self.connection.state == ConnectionState.OPEN:
+                    self._close_code = event.code
                     # wsproto reports a protocol error it found (1007 invalid UTF-8, 1002) as
                     # a close event without sending one; tell the client why (RFC 6455 7.1.7).
                     await self._send_wsproto_event(

@@ -3,27 +3,50 @@
 Never ``Config.from_mapping``: it silently drops unknown keys, so a typo would quietly run
 with a default. The access log format names only the path (``%(r)s``), never the query string
 where a browser's ``access_token`` travels.
+
+:func:`serve` also starts the metrics listener (``GATEWAY_METRICS_PORT``, not the public
+port), and on SIGTERM or SIGINT drains the app (:func:`gateway.app.drain`) before Hypercorn
+stops. The whole stop fits in ``GATEWAY_SHUTDOWN_GRACE_SECONDS``: the drain takes at most the
+grace less :data:`~gateway.settings.SHUTDOWN_RESERVE_SECONDS`, and the reserve is Hypercorn's
+graceful timeout (:data:`SERVER_STOP_SECONDS`: cancel what the drain abandoned) plus its
+lifespan shutdown timeout (:data:`AFTER_SERVING_SECONDS`: close the broker).
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import signal
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 
 from hypercorn.asyncio import serve as hypercorn_serve
 from hypercorn.config import Config
 from quart import Quart
 
 from gateway import hypercorn_fixes
-from gateway.app import create_app, drain
-from gateway.settings import Settings
+from gateway.app import SERVICES_KEY, create_app, drain
+from gateway.metrics import MetricsServer
+from gateway.settings import SHUTDOWN_RESERVE_SECONDS, Settings
+from gateway.web import Services
 
-__all__ = ["ACCESS_LOG_FORMAT", "build_config", "serve"]
+__all__ = [
+    "ACCESS_LOG_FORMAT",
+    "AFTER_SERVING_SECONDS",
+    "SERVER_STOP_SECONDS",
+    "build_config",
+    "serve",
+]
+
+log = logging.getLogger("gateway.server")
 
 #: Remote address, request line without the query string, status, bytes, microseconds.
 ACCESS_LOG_FORMAT = '%(h)s "%(r)s" %(s)s %(b)s %(D)s'
+#: Hypercorn's graceful timeout, after the drain: every WebSocket is closed or abandoned by
+#: then, so this only ends idle keep-alive connections and cancels what the drain abandoned.
+SERVER_STOP_SECONDS = 1.0
+#: Hypercorn's lifespan shutdown timeout: the after-serving hooks (close the broker).
+AFTER_SERVING_SECONDS = SHUTDOWN_RESERVE_SECONDS - SERVER_STOP_SECONDS
 
 
 def _bind_address(host: str, port: int) -> str:
@@ -56,7 +79,8 @@ def build_config(settings: Settings, *, fd: int | None = None) -> Config:
     config.errorlog = logging.getLogger("gateway.server")
     config.access_log_format = ACCESS_LOG_FORMAT
     config.logger_class = hypercorn_fixes.SafeAccessLogger
-    config.graceful_timeout = 5
+    config.graceful_timeout = SERVER_STOP_SECONDS
+    config.shutdown_timeout = AFTER_SERVING_SECONDS
     return config
 
 
@@ -69,9 +93,13 @@ async def serve(
 ) -> None:
     """Run the gateway until ``shutdown_trigger`` returns (or SIGINT/SIGTERM without one).
 
-    Then, before Hypercorn stops, open connections are closed with 1001 and new upgrades are
-    refused with 503 (:func:`gateway.app.drain`); Hypercorn's own graceful stop would otherwise
-    wait ``graceful_timeout`` for connections that never end by themselves, then cancel them.
+    Then, before Hypercorn stops, new upgrades are refused with 503 and open connections are
+    closed with 1001, spread over the configured window (:func:`gateway.app.drain`);
+    Hypercorn's own graceful stop would otherwise wait ``graceful_timeout`` for connections
+    that never end by themselves, then cancel them.
+
+    Raises:
+        OSError: the metrics address cannot be bound.
     """
     hypercorn_fixes.install(permessage_deflate=settings.permessage_deflate)
     config = build_config(settings, fd=fd)
@@ -82,7 +110,27 @@ async def serve(
         await trigger()
         await drain(application)
 
-    await hypercorn_serve(application, config, shutdown_trigger=drain_then_stop)
+    async with _metrics_listener(settings, application):
+        await hypercorn_serve(application, config, shutdown_trigger=drain_then_stop)
+
+
+@contextlib.asynccontextmanager
+async def _metrics_listener(settings: Settings, app: Quart) -> AsyncIterator[None]:
+    """Serve the app's metrics on GATEWAY_METRICS_HOST:GATEWAY_METRICS_PORT while in the block
+    (nothing when the port is 0, or the app has no metrics)."""
+    services = app.extensions.get(SERVICES_KEY)
+    if settings.metrics_port == 0 or not isinstance(services, Services):
+        yield
+        return
+    server = MetricsServer(settings.metrics_host, settings.metrics_port, services.metrics.registry)
+    log.info(
+        "metrics listening",
+        extra={"host": settings.metrics_host, "port": server.port, "path": "/metrics"},
+    )
+    try:
+        yield
+    finally:
+        await server.close()
 
 
 async def _stop_signal() -> None:

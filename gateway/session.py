@@ -9,11 +9,18 @@ Every frame takes the same path, and nothing skips a step (docs/protocol.md):
 size cap -> UTF-8 JSON -> JSON Schema (:func:`gateway.protocol.decode`) -> token bucket ->
 handler. A rejected frame costs an ``error`` reply; repeated rejections within the abuse window
 close the connection (1008 for invalid messages, 4029 for rate-limit abuse).
+
+Every refused frame is counted (``gateway_frames_rejected_total``, by the pipeline step that
+refused it). Refusals can come by the thousand, so only a connection's first refused message
+is logged at INFO; the rest are logged at DEBUG, and the close that abuse earns is logged at
+INFO by the transport. A log line names the connection, the user, the client address and the
+error code: never the frame, the token or the message.
 """
 
 from __future__ import annotations
 
 import asyncio
+import logging
 import math
 import time
 from collections.abc import Callable
@@ -29,7 +36,8 @@ from gateway.errors import (
     MessageRejected,
 )
 from gateway.hub import Hub
-from gateway.outbox import Outbox
+from gateway.metrics import Metrics
+from gateway.outbox import Outbox, Outgoing
 from gateway.protocol import MAX_CHAT_CHARS, decode, encode
 from gateway.ratelimit import TokenBucket, ViolationWindow
 from gateway.rooms import RoomPolicy
@@ -37,7 +45,16 @@ from gateway.settings import Settings
 
 __all__ = ["Session"]
 
+log = logging.getLogger("gateway.session")
+
 Frame = dict[str, Any]
+
+#: The ``gateway_frames_rejected_total`` reason of a frame that decode() refuses with a close.
+_REJECT_REASON_OF_CLOSE = {
+    CloseCode.UNSUPPORTED_DATA: "binary",
+    CloseCode.MESSAGE_TOO_BIG: "size",
+    CloseCode.INVALID_PAYLOAD: "utf8",
+}
 
 
 def _ms(seconds: float) -> int:
@@ -45,23 +62,36 @@ def _ms(seconds: float) -> int:
 
 
 class Session:
-    """The state and rules of one authenticated connection."""
+    """The state and rules of one authenticated connection.
+
+    Args:
+        conn_id: the connection id (random; in the welcome and in every log line).
+        principal: who the token says the client is.
+        client: the client's address, for the logs.
+        metrics: where frames received and refused are counted.
+        clock: wall-clock time (timestamps, token expiry).
+        monotonic: the token bucket's and the abuse windows' clock.
+    """
 
     def __init__(
         self,
         *,
         conn_id: str,
         principal: Principal,
+        client: str,
         settings: Settings,
         policy: RoomPolicy,
         hub: Hub,
         broker: Broker,
         verifier: TokenVerifier,
+        metrics: Metrics,
         clock: Callable[[], float] = time.time,
         monotonic: Callable[[], float] = time.monotonic,
     ) -> None:
         self.conn_id = conn_id
         self.principal = principal
+        self.client = client
+        self.metrics = metrics
         self._settings = settings
         self._policy = policy
         self._hub = hub
@@ -80,6 +110,8 @@ class Session:
         self.expiry_changed = asyncio.Event()
         self.frames_in = 0
         self.frames_out = 0
+        #: Messages refused with an ``error`` reply (or the close that ended it).
+        self.refused = 0
 
     # -- identity, as the hub sees it -------------------------------------------------------
 
@@ -104,13 +136,14 @@ class Session:
     def allowed_rooms(self) -> frozenset[str]:
         return self._policy.allowed_rooms(self.principal.rooms)
 
-    def deliver(self, text: str) -> None:
+    def deliver(self, item: Outgoing) -> None:
         """Queue an already-serialized frame (called by the hub for broadcasts)."""
-        if self.outbox.put(text):
+        if self.outbox.put(item):
             self.frames_out += 1
 
     def send(self, frame: Frame) -> None:
-        self.deliver(encode(frame))
+        """Serialize and queue a reply to this connection alone."""
+        self.deliver(Outgoing(encode(frame), frame["type"]))
 
     def request_close(self, code: CloseCode) -> None:
         """Ask the transport to close with ``code`` (the first request wins)."""
@@ -150,8 +183,21 @@ class Session:
         self.frames_in += 1
         try:
             message = decode(data, self._settings.max_message_bytes)
+        except ConnectionClosing as closing:
+            reason = _REJECT_REASON_OF_CLOSE.get(closing.code)
+            if reason is not None:
+                self.metrics.rejected(reason)
+            raise
+        except MessageRejected as rejection:
+            invalid_json = rejection.code is ErrorCode.INVALID_JSON
+            self.metrics.rejected("json" if invalid_json else "schema")
+            self._reject(rejection)
+            return
+        self.metrics.received(message["type"])
+        try:
             wait_seconds = self._bucket.take()
             if wait_seconds > 0:
+                self.metrics.rejected("rate")
                 raise MessageRejected(
                     ErrorCode.RATE_LIMITED,
                     "too many messages; slow down",
@@ -163,6 +209,20 @@ class Session:
             self._reject(rejection)
 
     def _reject(self, rejection: MessageRejected) -> None:
+        self.refused += 1
+        level = logging.INFO if self.refused == 1 else logging.DEBUG
+        if log.isEnabledFor(level):
+            log.log(
+                level,
+                "message refused",
+                extra={
+                    "conn_id": self.conn_id,
+                    "user_id": self.user_id,
+                    "client": self.client,
+                    "code": str(rejection.code),
+                    "refused": self.refused,
+                },
+            )
         if rejection.code is ErrorCode.RATE_LIMITED:
             if self._rate_abuse.record():
                 raise ConnectionClosing(CloseCode.RATE_ABUSE, "rate limit exceeded repeatedly")

@@ -22,6 +22,7 @@ __all__ = [
     "DEV_SECRET_FILE",
     "KNOWN_DEFAULT_SECRETS",
     "MIN_SECRET_BYTES",
+    "SHUTDOWN_RESERVE_SECONDS",
     "Secret",
     "Settings",
     "SettingsError",
@@ -33,6 +34,11 @@ __all__ = [
 DEV_CERT_FILE = Path("certs/dev-cert.pem")
 DEV_KEY_FILE = Path("certs/dev-key.pem")
 DEV_SECRET_FILE = Path("certs/dev-jwt-secret")
+
+#: Of the shutdown grace, the part kept for the server's own stop after the connections are
+#: closed: Hypercorn's graceful timeout and the after-serving hooks (gateway/server.py). The
+#: grace must exceed the spread by at least this much.
+SHUTDOWN_RESERVE_SECONDS = 3.0
 
 #: RFC 7518 section 3.2: an HS256 key must be at least as long as the hash output (32 bytes).
 MIN_SECRET_BYTES = 32
@@ -136,6 +142,11 @@ class Settings:
     backlog: int = 2048
     ping_interval_seconds: float = 20.0
     log_level: str = "INFO"
+
+    metrics_host: str = "127.0.0.1"
+    metrics_port: int = 9102
+    shutdown_spread_seconds: float = 10.0
+    shutdown_grace_seconds: float = 30.0
 
     @property
     def is_production(self) -> bool:
@@ -334,7 +345,12 @@ def load_settings(env: Mapping[str, str]) -> Settings:
         backlog=r.integer("GATEWAY_BACKLOG", 2048, 1024, 65535),
         ping_interval_seconds=r.number("GATEWAY_PING_INTERVAL_SECONDS", 20.0, 0.0, 3600.0),
         log_level=r.choice("GATEWAY_LOG_LEVEL", "INFO", _LOG_LEVELS),
+        metrics_host=r.text("GATEWAY_METRICS_HOST", "127.0.0.1"),
+        metrics_port=r.integer("GATEWAY_METRICS_PORT", 9102, 0, 65535),
+        shutdown_spread_seconds=r.number("GATEWAY_SHUTDOWN_SPREAD_SECONDS", 10.0, 0.0, 3600.0),
+        shutdown_grace_seconds=r.number("GATEWAY_SHUTDOWN_GRACE_SECONDS", 30.0, 1.0, 86400.0),
     )
+    _check_shutdown(r, settings)
     if production:
         _check_production(r, settings)
     if r.problems:
@@ -390,6 +406,21 @@ def _check_keys(
         r.problems.append(f"GATEWAY_JWT_PUBLIC_KEY_FILE: {public_key_file} does not exist")
     if jwks_url is not None and urlsplit(jwks_url).scheme not in {"https", "http"}:
         r.problems.append(f"GATEWAY_JWT_JWKS_URL={jwks_url!r} must be an https:// URL")
+
+
+def _check_shutdown(r: _Reader, s: Settings) -> None:
+    # The closes are spread over the spread; after them the server needs the reserve to stop.
+    if s.shutdown_grace_seconds < s.shutdown_spread_seconds + SHUTDOWN_RESERVE_SECONDS:
+        r.problems.append(
+            f"GATEWAY_SHUTDOWN_GRACE_SECONDS={s.shutdown_grace_seconds:g} must exceed "
+            f"GATEWAY_SHUTDOWN_SPREAD_SECONDS={s.shutdown_spread_seconds:g} by at least "
+            f"{SHUTDOWN_RESERVE_SECONDS:g} (the server's own stop after the last close)"
+        )
+    if s.metrics_port != 0 and s.metrics_port == s.port:
+        r.problems.append(
+            f"GATEWAY_METRICS_PORT={s.metrics_port} is GATEWAY_PORT: the metrics need a port "
+            "of their own (0 turns them off)"
+        )
 
 
 def _check_production(r: _Reader, s: Settings) -> None:

@@ -3,6 +3,12 @@
 This is the only module (with app.py and server.py) that knows Quart. The upgrade is refused
 with a real HTTP response, before ``accept()``, in this order: connection attempts per address
 (429), origin (403), credentials (401), capacity (503) and open connections per user (429).
+Every attempt is counted by outcome, and every accepted connection by its close code.
+
+Probes, without a token: ``GET /healthz`` answers 200 while the process lives (liveness);
+``GET /readyz`` answers 200 ``ready``, or 503 ``draining`` once shutdown began, or 503
+``broker_unavailable`` when the broker does not answer healthy within
+:data:`READY_TIMEOUT_SECONDS` (readiness: take this instance out of the load balancer).
 """
 
 from __future__ import annotations
@@ -22,18 +28,40 @@ from quart import Blueprint, Response, request, websocket
 
 from gateway.auth import Principal, TokenVerifier, extract_token, mint_token, origin_allowed
 from gateway.broker import Broker
-from gateway.connection import Socket, run_connection
-from gateway.errors import AuthError, HandshakeRejected
+from gateway.connection import Socket, run_connection, transport_close_code
+from gateway.errors import AuthError, CloseCode, HandshakeRejected
 from gateway.hub import Hub
+from gateway.metrics import Metrics
 from gateway.protocol import encode
 from gateway.ratelimit import ConnectAttemptLimiter, ConnectionSlots, address_key
 from gateway.rooms import RoomPolicy
 from gateway.session import Session
 from gateway.settings import Settings
 
-__all__ = ["STATIC_DIR", "Services", "client_address", "create_blueprint"]
+__all__ = ["READY_TIMEOUT_SECONDS", "STATIC_DIR", "Services", "client_address", "create_blueprint"]
 
 log = logging.getLogger("gateway.web")
+
+#: How long /readyz waits for the broker's health check before it answers 503.
+READY_TIMEOUT_SECONDS = 1.0
+
+#: The ``gateway_connection_attempts_total`` outcome of each refusal's ``error``.
+_ATTEMPT_OUTCOMES = {
+    "invalid_token": "token",
+    "origin_not_allowed": "origin",
+    "too_many_attempts": "rate",
+    "too_many_connections": "capacity",
+    "server_full": "capacity",
+    "shutting_down": "shutting_down",
+    "unavailable": "unavailable",
+}
+#: RFC 6455 section 7.1.5: the code of a connection closed without a close frame (never sent).
+_DROPPED = 1006
+#: Close codes the server's WebSocket layer sends for a frame it refuses before the app sees it.
+_TRANSPORT_REJECTS = {
+    int(CloseCode.MESSAGE_TOO_BIG): "size",
+    int(CloseCode.INVALID_PAYLOAD): "utf8",
+}
 
 STATIC_DIR = Path(__file__).resolve().parent.parent / "static"
 #: The chat page's files by suffix; anything else in static/ is not served.
@@ -71,10 +99,16 @@ class Services:
     hub: Hub
     attempts: ConnectAttemptLimiter
     slots: ConnectionSlots
+    metrics: Metrics
     sessions: dict[str, Session] = field(default_factory=dict)
     #: Set while no connection is open (shutdown waits on it).
     no_sessions: asyncio.Event = field(default_factory=asyncio.Event)
+    #: Set when shutdown begins: /readyz answers 503 and upgrades are refused from then on.
     draining: bool = False
+    #: ``time.monotonic()`` when the drain began (its deadline counts from there).
+    drain_started_monotonic: float | None = None
+    #: The broker health check in flight, shared by concurrent /readyz requests.
+    health_check: asyncio.Task[bool] | None = None
 
 
 def client_address(peer: str | None, forwarded_for: str | None, settings: Settings) -> str:
@@ -165,6 +199,14 @@ def create_blueprint(services: Services) -> Blueprint:
     async def healthz() -> Response:
         return _json_response(200, {"status": "ok"}, {})
 
+    @bp.route("/readyz")
+    async def readyz() -> Response:
+        if services.draining:
+            return _json_response(503, {"status": "draining"}, {})
+        if not await _broker_healthy(services):
+            return _json_response(503, {"status": "broker_unavailable"}, {})
+        return _json_response(200, {"status": "ready"}, {})
+
     if settings.dev_token_endpoint:
 
         @bp.route("/dev/token", methods=["POST"])
@@ -221,10 +263,12 @@ def create_blueprint(services: Services) -> Blueprint:
         address = client_address(
             peer, _joined(websocket.headers.getlist("X-Forwarded-For")), settings
         )
+        metrics = services.metrics
         try:
             principal = await _check_upgrade(services, address)
         except HandshakeRejected as rejection:
             reason = rejection.reason if isinstance(rejection, AuthError) else rejection.error
+            metrics.attempt(_ATTEMPT_OUTCOMES.get(rejection.error, "unavailable"))
             log.info(
                 "upgrade rejected",
                 extra={"client": address, "status": rejection.status, "reason": reason},
@@ -234,18 +278,24 @@ def create_blueprint(services: Services) -> Blueprint:
         session = Session(
             conn_id=conn_id,
             principal=principal,
+            client=address,
             settings=settings,
             policy=services.policy,
             hub=services.hub,
             broker=services.broker,
             verifier=services.verifier,
+            metrics=metrics,
         )
         started = time.monotonic()
-        code = None
+        code: int | None = None
+        accepted = False
         try:
             services.sessions[conn_id] = session
             services.no_sessions.clear()
             await websocket.accept()
+            accepted = True
+            metrics.attempt("accepted")
+            metrics.connection_opened()
             log.info(
                 "connection accepted",
                 extra={"conn_id": conn_id, "user_id": principal.user_id, "client": address},
@@ -257,17 +307,25 @@ def create_blueprint(services: Services) -> Blueprint:
             if not services.sessions:
                 services.no_sessions.set()
             services.slots.release(principal.user_id)
-            await asyncio.shield(_leave_all(session))
+            if code is None:  # the client (or the WebSocket layer) closed first, or it dropped
+                code = transport_close_code(websocket.scope)
+                code = _DROPPED if code is None else code
+                if accepted and code in _TRANSPORT_REJECTS:
+                    metrics.rejected(_TRANSPORT_REJECTS[code])
+            if accepted:
+                metrics.connection_closed(code)
+            # Logged before leaving the rooms: that awaits, and Quart may cancel it.
             log.info(
                 "connection closed",
                 extra={
                     "conn_id": conn_id,
                     "user_id": principal.user_id,
                     "client": address,
-                    "close_code": int(code) if code is not None else None,
+                    "close_code": int(code),
                     "duration_seconds": round(time.monotonic() - started, 3),
                 },
             )
+            await asyncio.shield(_leave_all(session))
         return None
 
     return bp
@@ -277,6 +335,30 @@ def _joined(values: Iterable[str]) -> str | None:
     """Header lines of one name as one list (RFC 9110 section 5.3): a proxy may append its own
     ``X-Forwarded-For`` line after the client's instead of extending it."""
     return ", ".join(values) or None
+
+
+async def _broker_healthy(services: Services) -> bool:
+    """Whether the broker answers healthy within :data:`READY_TIMEOUT_SECONDS`.
+
+    Concurrent probes share one check, so unauthenticated requests to /readyz cannot make
+    more than one broker round trip at a time.
+    """
+    check = services.health_check
+    if check is None or check.done():
+        check = services.health_check = asyncio.ensure_future(_check_broker(services.broker))
+    # Shielded: a probe that gives up (its client left) does not cancel the others' check.
+    return await asyncio.shield(check)
+
+
+async def _check_broker(broker: Broker) -> bool:
+    try:
+        async with asyncio.timeout(READY_TIMEOUT_SECONDS):
+            return await broker.healthy()
+    except TimeoutError:
+        log.warning("broker health check timed out", extra={"timeout": READY_TIMEOUT_SECONDS})
+    except Exception as error:
+        log.warning("broker health check failed", extra={"error": type(error).__name__})
+    return False
 
 
 async def _leave_all(session: Session) -> None:

@@ -20,11 +20,14 @@ def timeout(seconds: float) -> float:
 
 
 def make_settings(overrides: Mapping[str, str] | None = None) -> Settings:
-    """Development settings with a known secret and no files read from certs/."""
+    """Development settings with a known secret and no files read from certs/, no metrics
+    listener (tests that want one pick a free port), and a shutdown that closes at once."""
     env = {
         "GATEWAY_JWT_SECRET": TEST_SECRET,
         "GATEWAY_TLS_CERT_FILE": "/nonexistent/cert.pem",
         "GATEWAY_TLS_KEY_FILE": "/nonexistent/key.pem",
+        "GATEWAY_METRICS_PORT": "0",
+        "GATEWAY_SHUTDOWN_SPREAD_SECONDS": "0",
     }
     env.update(overrides or {})
     return load_settings(env)

@@ -13,7 +13,7 @@ import json
 import logging
 import time
 from collections.abc import AsyncIterator, Mapping
-from typing import Any
+from typing import Any, cast
 
 import jwt
 import pytest
@@ -25,9 +25,13 @@ from quart.typing import TestWebsocketConnectionProtocol as WebsocketConnection
 from quart.wrappers import Response
 from werkzeug.datastructures import Headers
 
-from gateway.app import SERVICES_KEY, create_app, drain
+import gateway.web
+from gateway.app import SERVICES_KEY, close_batches, create_app, drain
 from gateway.auth import Principal, TokenVerifier, mint_token
+from gateway.broker import MemoryBroker
+from gateway.errors import CloseCode
 from gateway.protocol import validate_server_frame
+from gateway.session import Session
 from gateway.settings import Settings
 from gateway.web import SECURITY_HEADERS, Services
 from tests.helpers import TEST_SECRET, make_settings, timeout
@@ -503,3 +507,236 @@ async def test_create_app_wires_the_settings_through() -> None:
             welcome = await receive_json(ws)
     assert welcome["rooms"] == ["hall"]
     assert welcome["limits"]["max_message_bytes"] == 1000
+
+
+# --- readiness -------------------------------------------------------------------------------
+
+
+async def probe(client: Client, path: str) -> tuple[int, dict[str, str]]:
+    response = await client.get(path)
+    assert response.content_type == "application/json"
+    assert response.headers["Cache-Control"] == "no-store"
+    body: dict[str, str] = json.loads(await response.get_data())
+    return response.status_code, body
+
+
+async def test_readyz_is_ready_without_a_token_until_the_drain_begins() -> None:
+    async with running() as (app, client):
+        assert await probe(client, "/readyz") == (200, {"status": "ready"})
+        await drain(app)
+        assert await probe(client, "/readyz") == (503, {"status": "draining"})
+        assert await probe(client, "/healthz") == (200, {"status": "ok"})  # still alive
+
+
+class SickBroker(MemoryBroker):
+    """A broker whose health check answers ``answer``: a bool, an exception, or never."""
+
+    def __init__(self, answer: bool | Exception | None) -> None:
+        super().__init__()
+        self.answer = answer
+        self.checks = 0
+        self.release = asyncio.Event()
+
+    async def healthy(self) -> bool:
+        self.checks += 1
+        if isinstance(self.answer, Exception):
+            raise self.answer
+        if self.answer is None:
+            await asyncio.Event().wait()
+        await self.release.wait()
+        return bool(self.answer)
+
+
+@pytest.mark.parametrize(
+    "answer", [False, None, ConnectionError("redis://:hunter2@redis:6379 down")]
+)
+async def test_readyz_is_503_when_the_broker_is_down_slow_or_failing(
+    answer: bool | Exception | None,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    monkeypatch.setattr(gateway.web, "READY_TIMEOUT_SECONDS", 0.01)
+    async with running() as (app, client):
+        broker = SickBroker(answer)
+        broker.release.set()
+        services_of(app).broker = broker
+        async with asyncio.timeout(timeout(5)):
+            assert await probe(client, "/readyz") == (503, {"status": "broker_unavailable"})
+        broker.answer = True
+        assert await probe(client, "/readyz") == (200, {"status": "ready"})  # it recovers
+    assert "hunter2" not in caplog.text
+
+
+async def test_concurrent_readiness_probes_share_one_broker_check() -> None:
+    async with running() as (app, client):
+        broker = SickBroker(True)
+        services_of(app).broker = broker
+        probes = [asyncio.create_task(probe(client, "/readyz")) for _ in range(50)]
+        async with asyncio.timeout(timeout(5)):
+            while broker.checks == 0:
+                await asyncio.sleep(0)
+            for _ in range(20):
+                await asyncio.sleep(0)  # every probe has arrived and found the check in flight
+            broker.release.set()
+            results = await asyncio.gather(*probes)
+    assert results == [(200, {"status": "ready"})] * 50
+    assert broker.checks == 1
+
+
+# --- graceful drain --------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("count", "spread_seconds", "batches", "interval_seconds"),
+    [
+        (20, 2.0, 20, 0.1),
+        (10_000, 10.0, 200, 0.05),  # at most 20 wake-ups a second
+        (3, 10.0, 3, 10 / 3),
+        (7, 0.0, 1, 0.0),  # all at once
+        (1, 10.0, 1, 10.0),
+        (1001, 1.0, 20, 0.05),
+    ],
+)
+def test_close_batches_are_even_and_cover_every_item_once(
+    count: int, spread_seconds: float, batches: int, interval_seconds: float
+) -> None:
+    items = list(range(count))
+    schedule = close_batches(items, spread_seconds)
+    assert len(schedule) == batches
+    offsets = [offset for offset, _ in schedule]
+    assert offsets == pytest.approx([k * interval_seconds for k in range(batches)])
+    assert offsets[0] == 0 and offsets[-1] < max(spread_seconds, 1e-9)
+    assert [item for _, batch in schedule for item in batch] == items  # in order, each once
+    sizes = {len(batch) for _, batch in schedule}
+    assert max(sizes) - min(sizes) <= 1
+
+
+def test_no_items_no_batches() -> None:
+    assert close_batches([], 10.0) == []
+
+
+class FakeTime:
+    """A monotonic clock that only moves when the drain sleeps."""
+
+    def __init__(self) -> None:
+        self.now_seconds = 1000.0
+
+    def clock(self) -> float:
+        return self.now_seconds
+
+    async def sleep(self, seconds: float) -> None:
+        assert seconds > 0
+        self.now_seconds += seconds
+        await asyncio.sleep(0)
+
+
+async def test_drain_spreads_the_closes_over_the_window(monkeypatch: pytest.MonkeyPatch) -> None:
+    fake = FakeTime()
+    requested: list[tuple[float, str, CloseCode]] = []
+    request_close = Session.request_close
+
+    def recording(session: Session, code: CloseCode) -> None:
+        if session.close_code is None:  # the drain's request, not the connection's own echo
+            requested.append((fake.now_seconds - 1000.0, session.conn_id, code))
+        request_close(session, code)
+
+    monkeypatch.setattr(Session, "request_close", recording)
+    overrides = {"GATEWAY_SHUTDOWN_SPREAD_SECONDS": "2", "GATEWAY_MAX_CONNECTIONS_PER_USER": "20"}
+    async with running(overrides) as (app, client), contextlib.AsyncExitStack() as stack:
+        sockets = []
+        for _ in range(10):
+            opening = client.websocket("/ws", headers=bearer(token_for("alice")))
+            ws = await stack.enter_async_context(
+                cast(contextlib.AbstractAsyncContextManager[WebsocketConnection], opening)
+            )
+            await receive_json(ws)
+            sockets.append(ws)
+        conn_ids = sorted(services_of(app).sessions)
+        async with asyncio.timeout(timeout(5)):
+            await drain(app, clock=fake.clock, sleep=fake.sleep)
+            for ws in sockets:
+                with pytest.raises(WebsocketDisconnectError) as closed:
+                    while True:
+                        await ws.receive()
+                assert closed.value.args == (1001,)
+        assert services_of(app).sessions == {}
+    # One connection per batch, 0.2 s apart, in the order of their (random) ids.
+    assert [offset for offset, _, _ in requested] == pytest.approx([k * 0.2 for k in range(10)])
+    assert [conn_id for _, conn_id, _ in requested] == conn_ids
+    assert {code for _, _, code in requested} == {CloseCode.GOING_AWAY}
+
+
+async def test_drain_abandons_a_connection_that_outlives_the_grace(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    fake = FakeTime()
+    overrides = {"GATEWAY_SHUTDOWN_SPREAD_SECONDS": "0", "GATEWAY_SHUTDOWN_GRACE_SECONDS": "3"}
+    caplog.set_level(logging.INFO, logger="gateway.app")
+    async with running(overrides) as (app, client):
+        services = services_of(app)
+        async with client.websocket("/ws", headers=bearer(token_for("alice"))) as ws:
+            await receive_json(ws)
+            [session] = services.sessions.values()
+            session.request_close = lambda code: None  # type: ignore[method-assign]
+            async with asyncio.timeout(timeout(5)):
+                await drain(app, clock=fake.clock, sleep=fake.sleep)  # returns: not stuck
+            assert services.draining
+            session.close_requested.set()  # let the test's connection end
+    [record] = [r for r in caplog.records if r.msg == "shutdown grace ran out"]
+    assert record.__dict__["abandoned"] == 1
+
+
+# --- metrics and logs of a connection's life -------------------------------------------------
+
+
+def attempts(app: Quart, outcome: str) -> float:
+    found = services_of(app).metrics.registry.get_sample_value(
+        "gateway_connection_attempts_total", {"outcome": outcome}
+    )
+    assert found is not None
+    return found
+
+
+async def test_every_upgrade_attempt_is_counted_by_outcome() -> None:
+    overrides = {
+        "GATEWAY_ALLOWED_ORIGINS": "https://chat.example.com",
+        "GATEWAY_MAX_CONNECTIONS_PER_USER": "1",
+    }
+    async with running(overrides) as (app, client):
+        await rejection(client)  # no token
+        await rejection(client, headers={**bearer(token_for("bob")), "Origin": "https://evil"})
+        async with client.websocket("/ws", headers=bearer(token_for("alice"))) as ws:
+            await receive_json(ws)
+            await rejection(client, headers=bearer(token_for("alice")))  # one per user
+        await drain(app)
+        await rejection(client, headers=bearer(token_for("alice")))
+        counted = {o: attempts(app, o) for o in ("accepted", "token", "origin", "capacity")}
+        assert counted == {"accepted": 1, "token": 1, "origin": 1, "capacity": 1}
+        assert attempts(app, "shutting_down") == 1
+        assert attempts(app, "rate") == 0
+
+
+async def test_a_client_close_is_logged_and_counted_with_its_code(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    caplog.set_level(logging.INFO, logger="gateway.web")
+    async with running() as (app, client):
+        async with client.websocket(
+            "/ws", headers=bearer(token_for("alice")), scope_base=peer("198.51.100.4")
+        ) as ws:
+            await receive_json(ws)
+            assert (
+                services_of(app).metrics.registry.get_sample_value("gateway_connections_open") == 1
+            )
+        # Quart's test client disconnects without a code: ASGI's "none", 1005.
+        registry = services_of(app).metrics.registry
+        assert registry.get_sample_value("gateway_disconnects_total", {"code": "1005"}) == 1
+        assert registry.get_sample_value("gateway_connections_open") == 0
+    (record,) = [r for r in caplog.records if r.msg == "connection closed"]
+    fields = record.__dict__
+    assert (fields["user_id"], fields["client"], fields["close_code"]) == (
+        "alice",
+        "198.51.100.4",
+        1005,
+    )
+    assert isinstance(fields["conn_id"], str) and fields["conn_id"]

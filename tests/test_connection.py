@@ -7,14 +7,23 @@ import asyncio
 import dataclasses
 import logging
 from collections.abc import Callable
+from typing import Any
 
 import orjson
 import pytest
+from quart import Quart
 
 import gateway.connection
 from gateway.broker import Member, MemoryBroker
-from gateway.connection import Socket, run_connection
+from gateway.connection import (
+    CLOSE_CODE_SCOPE_KEY,
+    BoundedWebsocketConnection,
+    Socket,
+    run_connection,
+    transport_close_code,
+)
 from gateway.errors import CLOSE_REASONS, CloseCode
+from gateway.outbox import Outgoing
 from gateway.protocol import validate_server_frame
 from gateway.session import Session
 from tests.helpers import timeout
@@ -258,7 +267,7 @@ async def test_a_client_that_does_not_read_is_closed_4008() -> None:
     task = asyncio.create_task(serve(socket, session, lambda: NOW_SECONDS))
     await asyncio.sleep(0)
     for _ in range(3):
-        session.deliver('{"type":"pong","ts":0}')
+        session.deliver(Outgoing('{"type":"pong","ts":0}', "pong"))
     assert await task is CloseCode.TOO_SLOW
 
 
@@ -270,3 +279,55 @@ async def test_a_close_that_never_completes_is_abandoned(
     socket = FakeSocket(close_hangs=True).feed(b"binary")
     assert await serve(socket, session, lambda: NOW_SECONDS) is CloseCode.UNSUPPORTED_DATA
     assert session.close_code is CloseCode.UNSUPPORTED_DATA
+
+
+# --- the client's close code reaches the handler ----------------------------------------------
+
+
+def websocket_scope() -> dict[str, Any]:
+    return {
+        "type": "websocket",
+        "asgi": {"version": "3.0", "spec_version": "2.3"},
+        "scheme": "wss",
+        "http_version": "1.1",
+        "path": "/ws",
+        "raw_path": b"/ws",
+        "query_string": b"",
+        "root_path": "",
+        "headers": [],
+        "client": ("203.0.113.9", 40000),
+        "server": ("127.0.0.1", 3001),
+        "subprotocols": [],
+        "extensions": {},
+    }
+
+
+@pytest.mark.parametrize(
+    ("disconnect", "code"),
+    [
+        ({"type": "websocket.disconnect", "code": 4000}, 4000),
+        ({"type": "websocket.disconnect", "code": 1000}, 1000),
+        ({"type": "websocket.disconnect"}, 1005),  # ASGI: no code means 1005, "no status"
+    ],
+)
+async def test_the_disconnect_code_is_kept_in_the_scope(
+    disconnect: dict[str, Any], code: int
+) -> None:
+    scope = websocket_scope()
+    connection = BoundedWebsocketConnection(Quart(__name__), scope)
+    events: list[dict[str, Any]] = [{"type": "websocket.receive", "text": "hi"}, disconnect]
+
+    async def receive() -> Any:
+        return events.pop(0)
+
+    assert transport_close_code(scope) is None  # nothing yet: the handler would say 1006
+    async with asyncio.timeout(timeout(5)):
+        await connection.handle_messages(receive)
+        assert await connection.queue.get() == "hi"  # frames still flow as before
+    assert transport_close_code(scope) == code
+    assert connection.queue.maxsize == gateway.connection.RECEIVE_QUEUE_FRAMES
+
+
+def test_a_forged_scope_value_is_not_a_close_code() -> None:
+    assert transport_close_code({CLOSE_CODE_SCOPE_KEY: "1000"}) is None
+    assert transport_close_code({}) is None

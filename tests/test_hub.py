@@ -9,6 +9,7 @@ import pytest
 
 from gateway.broker import Envelope, Member, MemoryBroker
 from gateway.hub import Hub
+from gateway.outbox import Outgoing
 from gateway.protocol import encode
 from tests.test_session import ALICE, BOB, NOW_MS, World, drain, send
 
@@ -38,8 +39,8 @@ class Recipient:
     user_id: str
     received: list[str] = field(default_factory=list)
 
-    def deliver(self, text: str) -> None:
-        self.received.append(text)
+    def deliver(self, item: Outgoing) -> None:
+        self.received.append(item.text)
 
 
 async def test_the_broker_is_subscribed_once_while_any_holder_remains() -> None:
@@ -105,8 +106,8 @@ async def test_a_member_detached_during_delivery_does_not_break_it() -> None:
     b = Recipient("c2", "bob")
 
     class Detacher(Recipient):
-        def deliver(self, text: str) -> None:
-            super().deliver(text)
+        def deliver(self, item: Outgoing) -> None:
+            super().deliver(item)
             hub.detach("r", self)  # e.g. its outbox overflowed and it is leaving
             hub.detach("r", b)
 

@@ -7,7 +7,7 @@ import asyncio
 import pytest
 
 from gateway.errors import CloseCode
-from gateway.outbox import Outbox
+from gateway.outbox import Outbox, Outgoing
 from tests.test_session import World, drain, send
 
 
@@ -22,21 +22,21 @@ class Overflows:
 async def test_frames_come_out_in_order_up_to_the_capacity() -> None:
     overflows = Overflows()
     outbox = Outbox(3, overflows)
-    assert [outbox.put(text) for text in ("a", "b", "c")] == [True, True, True]
+    assert [outbox.put(Outgoing(text)) for text in ("a", "b", "c")] == [True, True, True]
     assert outbox.depth == 3
-    assert [await outbox.get() for _ in range(3)] == ["a", "b", "c"]
-    assert outbox.put("d") is True  # room again once drained
-    assert (await outbox.get(), overflows.calls, outbox.is_open) == ("d", 0, True)
+    assert [(await outbox.get()).text for _ in range(3)] == ["a", "b", "c"]
+    assert outbox.put(Outgoing("d")) is True  # room again once drained
+    assert ((await outbox.get()).text, overflows.calls, outbox.is_open) == ("d", 0, True)
 
 
 async def test_overflow_signals_once_drops_the_queue_and_refuses_later_frames() -> None:
     overflows = Overflows()
     outbox = Outbox(2, overflows)
-    assert outbox.put("a") and outbox.put("b")
-    assert outbox.put("c") is False
+    assert outbox.put(Outgoing("a")) and outbox.put(Outgoing("b"))
+    assert outbox.put(Outgoing("c")) is False
     assert (overflows.calls, outbox.is_open, outbox.depth) == (1, False, 0)
     for _ in range(100):  # a broadcast storm after the overflow: no more signals, no memory
-        assert outbox.put("x") is False
+        assert outbox.put(Outgoing("x")) is False
     assert (overflows.calls, outbox.depth) == (1, 0)
 
 
@@ -45,23 +45,23 @@ async def test_an_overflow_handler_that_puts_again_is_not_reentered() -> None:
     calls: list[bool] = []
 
     def on_overflow() -> None:
-        calls.append(outbox.put("error frame"))  # e.g. a reply queued while closing
+        calls.append(outbox.put(Outgoing("error frame")))  # e.g. a reply queued while closing
 
     outbox = Outbox(1, on_overflow)
-    assert outbox.put("a") is True
-    assert outbox.put("b") is False
+    assert outbox.put(Outgoing("a")) is True
+    assert outbox.put(Outgoing("b")) is False
     assert (calls, outbox.depth) == ([False], 0)
 
 
 async def test_close_drops_queued_frames_and_refuses_later_ones() -> None:
     overflows = Overflows()
     outbox = Outbox(4, overflows)
-    outbox.put("a")
-    outbox.put("b")
+    outbox.put(Outgoing("a"))
+    outbox.put(Outgoing("b"))
     outbox.close()
     outbox.close()  # twice: harmless
     assert (outbox.depth, outbox.is_open) == (0, False)
-    assert outbox.put("c") is False
+    assert outbox.put(Outgoing("c")) is False
     assert overflows.calls == 0  # closing is not overflowing
     with pytest.raises(TimeoutError):  # nothing left for the writer
         async with asyncio.timeout(0):

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import os
 import re
 import socket
 import time
@@ -23,7 +24,14 @@ from hypercorn.typing import ResponseSummary, WWWScope
 
 from gateway.auth import mint_token
 from gateway.hypercorn_fixes import SAFE_ACCESS_ATOMS, SafeAccessLogger
-from gateway.server import ACCESS_LOG_FORMAT, build_config, serve
+from gateway.server import (
+    ACCESS_LOG_FORMAT,
+    AFTER_SERVING_SECONDS,
+    SERVER_STOP_SECONDS,
+    build_config,
+    serve,
+)
+from gateway.settings import SHUTDOWN_RESERVE_SECONDS
 from tests.helpers import make_settings, timeout
 
 __all__: list[str] = []
@@ -216,3 +224,28 @@ async def test_shutdown_closes_open_connections_with_1001_at_once() -> None:
             server.cancel()
             with pytest.raises(asyncio.CancelledError):
                 await server
+
+
+def test_the_servers_own_stop_fits_the_shutdown_reserve() -> None:
+    # After the drain every WebSocket is closed or abandoned: Hypercorn's graceful timeout and
+    # the after-serving hooks share what the grace keeps back, so the process exits in time.
+    config = build_config(make_settings())
+    assert config.graceful_timeout == SERVER_STOP_SECONDS
+    assert config.shutdown_timeout == AFTER_SERVING_SECONDS
+    assert config.graceful_timeout + config.shutdown_timeout == SHUTDOWN_RESERVE_SECONDS
+    assert 0 < config.graceful_timeout < SHUTDOWN_RESERVE_SECONDS
+
+
+async def test_serve_refuses_to_start_when_the_metrics_port_is_taken() -> None:
+    taken = socket.create_server(("127.0.0.1", 0))
+    settings = make_settings(
+        {"GATEWAY_TLS": "proxy", "GATEWAY_METRICS_PORT": str(taken.getsockname()[1])}
+    )
+    fd = socket.create_server(("127.0.0.1", 0)).detach()
+    try:
+        with pytest.raises(OSError):
+            async with asyncio.timeout(timeout(5)):
+                await serve(settings, fd=fd, shutdown_trigger=asyncio.Event().wait)
+    finally:
+        taken.close()
+        os.close(fd)  # serve() failed before Hypercorn took it over

@@ -17,6 +17,7 @@ from gateway.auth import TokenVerifier, mint_token
 from gateway.broker import Member, MemoryBroker
 from gateway.errors import CloseCode, ConnectionClosing
 from gateway.hub import Hub
+from gateway.metrics import Metrics
 from gateway.protocol import MAX_CHAT_CHARS, validate_server_frame
 from gateway.rooms import RoomPolicy
 from gateway.session import Session
@@ -44,6 +45,7 @@ class World:
         self.wall_seconds = NOW_SECONDS
         self.monotonic_seconds = 0.0
         self.verifier = TokenVerifier(self.settings, clock=lambda: self.wall_seconds)
+        self.metrics = Metrics(process=False)
         self._count = 0
 
     async def start(self) -> World:
@@ -65,11 +67,13 @@ class World:
         return Session(
             conn_id=f"{sub}-{self._count}",
             principal=await self.verifier.verify(self.token(sub, rooms)),
+            client="203.0.113.9",
             settings=self.settings,
             policy=self.policy,
             hub=self.hub,
             broker=self.broker,
             verifier=self.verifier,
+            metrics=self.metrics,
             clock=lambda: self.wall_seconds,
             monotonic=lambda: self.monotonic_seconds,
         )
@@ -82,7 +86,7 @@ async def drain(session: Session) -> list[Frame]:
     """Every frame queued for ``session``, each checked against its server schema."""
     frames: list[Frame] = []
     while session.outbox.depth:
-        frame = orjson.loads(await session.outbox.get())
+        frame = orjson.loads((await session.outbox.get()).text)
         validate_server_frame(frame)
         frames.append(frame)
     return frames

@@ -133,6 +133,15 @@ def test_production_behind_a_tls_proxy_needs_no_certificate(tmp_path: Path) -> N
         ("GATEWAY_TRUSTED_PROXIES", "not-an-ip"),
         ("GATEWAY_LOG_LEVEL", "LOUD"),
         ("GATEWAY_PERMESSAGE_DEFLATE", "maybe"),
+        ("GATEWAY_METRICS_PORT", "65536"),
+        ("GATEWAY_METRICS_PORT", "-1"),
+        ("GATEWAY_METRICS_PORT", "3001"),  # the public port
+        ("GATEWAY_SHUTDOWN_SPREAD_SECONDS", "-1"),
+        ("GATEWAY_SHUTDOWN_SPREAD_SECONDS", "nan"),
+        ("GATEWAY_SHUTDOWN_SPREAD_SECONDS", "28"),  # leaves the default grace too little
+        ("GATEWAY_SHUTDOWN_GRACE_SECONDS", "0"),
+        ("GATEWAY_SHUTDOWN_GRACE_SECONDS", "inf"),
+        ("GATEWAY_SHUTDOWN_GRACE_SECONDS", "10"),  # less than the default spread
     ],
 )
 def test_bad_values_are_reported_by_name(name: str, value: str) -> None:
@@ -167,3 +176,44 @@ def test_lists_are_trimmed() -> None:
     )
     assert settings.open_rooms == ("lobby", "general")
     assert settings.allowed_origins == ("https://a.example", "https://b.example:8443")
+
+
+def test_operations_defaults() -> None:
+    settings = load_settings({"GATEWAY_JWT_SECRET": "dev"})
+    assert (settings.metrics_host, settings.metrics_port) == ("127.0.0.1", 9102)
+    assert (settings.shutdown_spread_seconds, settings.shutdown_grace_seconds) == (10.0, 30.0)
+
+
+@pytest.mark.parametrize(
+    ("spread", "grace", "valid"),
+    [
+        ("0", "3", True),  # all at once; the reserve alone
+        ("0", "2.9", False),
+        ("2", "5", True),
+        ("2", "4.99", False),
+        ("20", "20", False),  # equal: nothing left for the last closes to finish
+        ("20", "45", True),
+    ],
+)
+def test_the_grace_must_exceed_the_spread_by_the_reserve(
+    spread: str, grace: str, valid: bool
+) -> None:
+    env = {
+        "GATEWAY_JWT_SECRET": "dev",
+        "GATEWAY_SHUTDOWN_SPREAD_SECONDS": spread,
+        "GATEWAY_SHUTDOWN_GRACE_SECONDS": grace,
+    }
+    if valid:
+        settings = load_settings(env)
+        assert settings.shutdown_grace_seconds - settings.shutdown_spread_seconds >= 3
+    else:
+        [problem] = problems(env)
+        assert "GATEWAY_SHUTDOWN_GRACE_SECONDS" in problem
+        assert "GATEWAY_SHUTDOWN_SPREAD_SECONDS" in problem
+
+
+def test_metrics_can_be_turned_off_and_moved() -> None:
+    env = {"GATEWAY_JWT_SECRET": "dev", "GATEWAY_METRICS_PORT": "0"}
+    assert load_settings(env).metrics_port == 0
+    env.update(GATEWAY_METRICS_HOST="0.0.0.0", GATEWAY_METRICS_PORT="9200")
+    assert (load_settings(env).metrics_host, load_settings(env).metrics_port) == ("0.0.0.0", 9200)

@@ -74,6 +74,7 @@ def production_env(tmp_path: Path, ca: trustme.CA, port: int) -> dict[str, str]:
         GATEWAY_HOST="127.0.0.1",
         GATEWAY_PORT=str(port),
         GATEWAY_LOG_LEVEL="INFO",
+        GATEWAY_METRICS_PORT="0",  # tests that want the metrics listener pick a free port
         PYTHONUNBUFFERED="1",
     )
     return env
@@ -122,10 +123,10 @@ async def wait_until_serving(gateway: Process, client_ssl: ssl.SSLContext) -> No
 
 @contextlib.asynccontextmanager
 async def gateway_process(
-    tmp_path: Path, ca: trustme.CA, client_ssl: ssl.SSLContext
+    tmp_path: Path, ca: trustme.CA, client_ssl: ssl.SSLContext, **env_overrides: str
 ) -> AsyncIterator[Process]:
     port = free_port()
-    env = production_env(tmp_path, ca, port)
+    env = {**production_env(tmp_path, ca, port), **env_overrides}
     stdout_file, stderr_file = tmp_path / "stdout.txt", tmp_path / "stderr.txt"
     with stdout_file.open("wb") as stdout, stderr_file.open("wb") as stderr:
         process = await asyncio.create_subprocess_exec(

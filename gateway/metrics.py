@@ -1,0 +1,282 @@
+"""Prometheus metrics of one gateway process, and the listener that serves them.
+
+The metrics live in a :class:`Metrics` of their own registry (one per app, so tests can build
+many apps in one process); the process collector (``process_resident_memory_bytes``, CPU, open
+files), the garbage collector and the platform collectors are registered in it too.
+
+They are served by :class:`MetricsServer`, prometheus_client's own HTTP server on a thread of
+its own, on ``GATEWAY_METRICS_HOST:GATEWAY_METRICS_PORT`` (default ``127.0.0.1:9102``), path
+``/metrics``: never on the public listener. Each process serves its own; with several
+processes (one per container) Prometheus scrapes each one.
+
+Every update is O(1) and takes no label lookup: each label value's child is made once, up
+front, so every series exists from the start at 0 (``rate()`` sees the first increment). Label
+values come from fixed sets, never from a client: a close code a client chose (any of
+3000-4999) is ``other`` unless it is one we know, so no client can grow the number of series.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from collections.abc import Callable, Iterable, Iterator
+from wsgiref.simple_server import WSGIServer
+
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    GCCollector,
+    Histogram,
+    PlatformCollector,
+    ProcessCollector,
+    start_http_server,
+)
+from prometheus_client.metrics_core import GaugeMetricFamily, Metric
+
+from gateway.errors import CloseCode
+from gateway.protocol import CLIENT_TYPES, SERVER_TYPES
+
+__all__ = [
+    "ATTEMPT_OUTCOMES",
+    "CLOSE_CODE_LABELS",
+    "LATENCY_BUCKETS_SECONDS",
+    "OTHER",
+    "REJECT_REASONS",
+    "Metrics",
+    "MetricsServer",
+    "close_code_label",
+    "frame_kind",
+]
+
+#: The label value for anything outside a fixed set.
+OTHER = "other"
+
+#: ``outcome`` of ``gateway_connection_attempts_total``: accepted, or why the upgrade was refused
+#: (token: 401; origin: 403; rate: 429 too many attempts from one address; capacity: 503 server
+#: full or 429 too many connections for one user; shutting_down, unavailable: 503).
+ATTEMPT_OUTCOMES = (
+    "accepted",
+    "token",
+    "origin",
+    "rate",
+    "capacity",
+    "shutting_down",
+    "unavailable",
+)
+
+#: ``reason`` of ``gateway_frames_rejected_total``: the step of the frame pipeline that refused
+#: it (docs/protocol.md). size, binary and utf8 close the connection; json, schema and rate cost
+#: an ``error`` reply.
+REJECT_REASONS = ("size", "json", "schema", "rate", "binary", "utf8")
+
+#: Close codes with a label value of their own: RFC 6455 section 7.4.1's (those a close frame
+#: may carry, plus 1005 and 1006, which stand for "none" and "dropped") and ours.
+CLOSE_CODE_LABELS = frozenset(
+    {str(code) for code in (1000, 1001, 1002, 1003, 1005, 1006, 1007, 1008, 1009, 1010, 1011)}
+    | {str(int(code)) for code in CloseCode}
+)
+
+#: From half a millisecond (a local fan-out) to ten seconds (a client near its 4008).
+LATENCY_BUCKETS_SECONDS = (
+    0.0005,
+    0.001,
+    0.0025,
+    0.005,
+    0.01,
+    0.025,
+    0.05,
+    0.1,
+    0.25,
+    0.5,
+    1.0,
+    2.5,
+    5.0,
+    10.0,
+)
+
+_TYPE_PREFIX = '{"type":"'
+_LONGEST_TYPE = max(len(kind) for kind in SERVER_TYPES)
+
+
+def close_code_label(code: int) -> str:
+    """The ``code`` label value for a close code: itself if known, else ``other``."""
+    label = str(code)
+    return label if label in CLOSE_CODE_LABELS else OTHER
+
+
+def frame_kind(text: str) -> str:
+    """The ``type`` of a server frame serialized by :func:`gateway.protocol.encode`, in O(1).
+
+    Our frames are dicts whose first key is ``type``, so the text starts ``{"type":"<kind>"``;
+    anything else (or a type we do not send) is ``other``. Used once per broadcast, so the
+    envelope needs no extra field and nothing is parsed per recipient.
+    """
+    if not text.startswith(_TYPE_PREFIX):
+        return OTHER
+    start = len(_TYPE_PREFIX)
+    end = text.find('"', start, start + _LONGEST_TYPE + 1)
+    kind = text[start:end] if end > 0 else ""
+    return kind if kind in SERVER_TYPES else OTHER
+
+
+class _QueueDepths:
+    """Collector of the send queues' depths, sampled at scrape time (never on the hot path).
+
+    ``depths`` runs on the metrics server's thread: it must only read (a ``list()`` of a dict's
+    values is one step under the GIL, and so is a queue's length).
+    """
+
+    def __init__(self, depths: Callable[[], Iterable[int]]) -> None:
+        self._depths = depths
+
+    def describe(self) -> Iterator[Metric]:
+        yield from self._families(0, 0)
+
+    def collect(self) -> Iterator[Metric]:
+        values = list(self._depths())
+        yield from self._families(sum(values), max(values, default=0))
+
+    @staticmethod
+    def _families(total: int, deepest: int) -> Iterator[Metric]:
+        yield GaugeMetricFamily(
+            "gateway_outbound_queue_frames",
+            "Frames waiting in every connection's send queue, at scrape time.",
+            value=total,
+        )
+        yield GaugeMetricFamily(
+            "gateway_outbound_queue_max_frames",
+            "Frames waiting in the fullest send queue, at scrape time "
+            "(GATEWAY_SEND_QUEUE_SIZE closes it 4008).",
+            value=deepest,
+        )
+
+
+class Metrics:
+    """The gateway's metrics, in a registry of their own.
+
+    Args:
+        registry: where to register them; a new :class:`CollectorRegistry` by default.
+        process: also register the process, platform and garbage-collector collectors.
+    """
+
+    def __init__(self, registry: CollectorRegistry | None = None, *, process: bool = True) -> None:
+        self.registry = registry if registry is not None else CollectorRegistry()
+        r = self.registry
+        if process:
+            ProcessCollector(registry=r)
+            PlatformCollector(registry=r)
+            GCCollector(registry=r)
+        self.connections_open = Gauge(
+            "gateway_connections_open", "Open WebSocket connections.", registry=r
+        )
+        attempts = Counter(
+            "gateway_connection_attempts_total",
+            "WebSocket upgrade attempts, by outcome.",
+            ["outcome"],
+            registry=r,
+        )
+        self._attempts = {outcome: attempts.labels(outcome) for outcome in ATTEMPT_OUTCOMES}
+        disconnects = Counter(
+            "gateway_disconnects_total",
+            "Closed connections, by close code: ours, or the client's when it closed first "
+            "(1006: dropped without a close frame).",
+            ["code"],
+            registry=r,
+        )
+        self._disconnects = {
+            label: disconnects.labels(label) for label in (*sorted(CLOSE_CODE_LABELS), OTHER)
+        }
+        received = Counter(
+            "gateway_messages_received_total",
+            "Valid messages received, by type (rate-limited ones included).",
+            ["type"],
+            registry=r,
+        )
+        self._received = {kind: received.labels(kind) for kind in sorted(CLIENT_TYPES)}
+        sent = Counter(
+            "gateway_messages_sent_total",
+            "Frames written to clients, by type.",
+            ["type"],
+            registry=r,
+        )
+        self._sent = {kind: sent.labels(kind) for kind in (*sorted(SERVER_TYPES), OTHER)}
+        rejected = Counter(
+            "gateway_frames_rejected_total",
+            "Frames refused by the frame pipeline, by reason.",
+            ["reason"],
+            registry=r,
+        )
+        self._rejected = {reason: rejected.labels(reason) for reason in REJECT_REASONS}
+        self.broadcast_latency = Histogram(
+            "gateway_broadcast_latency_seconds",
+            "From reading a frame to writing the broadcast it caused to each recipient's "
+            "socket (from its arrival, for a broadcast from another instance).",
+            buckets=LATENCY_BUCKETS_SECONDS,
+            registry=r,
+        )
+
+    def watch_queues(self, depths: Callable[[], Iterable[int]]) -> None:
+        """Report the send queues' depths at each scrape (see :class:`_QueueDepths`)."""
+        self.registry.register(_QueueDepths(depths))
+
+    def attempt(self, outcome: str) -> None:
+        """Count one upgrade attempt.
+
+        Raises:
+            KeyError: ``outcome`` is not one of :data:`ATTEMPT_OUTCOMES` (a bug in the caller).
+        """
+        self._attempts[outcome].inc()
+
+    def connection_opened(self) -> None:
+        self.connections_open.inc()
+
+    def connection_closed(self, code: int) -> None:
+        """One accepted connection ended with close ``code``."""
+        self.connections_open.dec()
+        self._disconnects[close_code_label(code)].inc()
+
+    def received(self, kind: str) -> None:
+        """Count a valid message of ``kind`` (a client type: decode() admits no other)."""
+        self._received[kind].inc()
+
+    def rejected(self, reason: str) -> None:
+        """Count a frame refused for ``reason`` (one of :data:`REJECT_REASONS`)."""
+        self._rejected[reason].inc()
+
+    def written(self, kind: str, received_monotonic: float | None, now_monotonic: float) -> None:
+        """A frame of ``kind`` was written to a socket at ``now_monotonic``; for a broadcast,
+        observe its latency since ``received_monotonic``."""
+        self._sent.get(kind, self._sent[OTHER]).inc()
+        if received_monotonic is not None:
+            self.broadcast_latency.observe(max(0.0, now_monotonic - received_monotonic))
+
+
+class MetricsServer:
+    """prometheus_client's HTTP server for ``registry``, on a daemon thread of its own.
+
+    A thread, not the event loop: a scrape still answers while the loop is busy, and it costs
+    the loop nothing but the GIL. It answers ``GET /metrics`` (prometheus_client answers every
+    path alike); it has no TLS and no authentication, so bind it to a private address.
+
+    Raises:
+        OSError: the address cannot be bound (in use, not local): the gateway does not start.
+    """
+
+    def __init__(self, host: str, port: int, registry: CollectorRegistry) -> None:
+        host = host.removeprefix("[").removesuffix("]")  # GATEWAY_METRICS_HOST=[::1] or ::1
+        server, thread = start_http_server(port, addr=host, registry=registry)
+        self._server: WSGIServer = server
+        self._thread: threading.Thread = thread
+
+    @property
+    def port(self) -> int:
+        """The port it listens on."""
+        port: int = self._server.server_port
+        return port
+
+    async def close(self) -> None:
+        """Stop serving and release the port (waits for the thread's poll, at most 0.5 s)."""
+        await asyncio.to_thread(self._server.shutdown)
+        self._server.server_close()
+        await asyncio.to_thread(self._thread.join)
