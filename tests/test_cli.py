@@ -7,14 +7,10 @@ checkout's certs/ is read or written.
 
 from __future__ import annotations
 
-import asyncio
 import json
 import os
 import stat
-import sys
 import time
-from collections.abc import Mapping
-from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -23,45 +19,10 @@ from gateway import __main__ as cli
 from gateway.auth import TokenVerifier
 from gateway.errors import AuthError
 from gateway.settings import DEV_CERT_FILE, DEV_KEY_FILE, DEV_SECRET_FILE, Settings
-from tests.helpers import TEST_SECRET, make_settings, timeout
+from tests.helpers import TEST_SECRET, make_settings
+from tests.processes import clean_env, gateway_cli
 
 __all__: list[str] = []
-
-
-@dataclass
-class Result:
-    status: int
-    stdout: str
-    stderr: str
-
-
-def clean_env(**gateway_env: str) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("GATEWAY_")}
-    env.update(gateway_env)
-    return env
-
-
-async def gateway_cli(*args: str, env: Mapping[str, str], cwd: Path) -> Result:
-    process = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-m",
-        "gateway",
-        *args,
-        env=dict(env),
-        cwd=cwd,
-        stdin=asyncio.subprocess.DEVNULL,
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.PIPE,
-    )
-    try:
-        async with asyncio.timeout(timeout(30)):
-            stdout, stderr = await process.communicate()
-    finally:
-        if process.returncode is None:
-            process.kill()
-            await process.wait()
-    assert process.returncode is not None
-    return Result(process.returncode, stdout.decode(), stderr.decode())
 
 
 # --- token ---------------------------------------------------------------------------------

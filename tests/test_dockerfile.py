@@ -22,7 +22,6 @@ import secrets
 import shlex
 import shutil
 import signal
-import socket
 import ssl
 import subprocess
 import sys
@@ -40,6 +39,7 @@ import trustme
 import yaml
 
 from tests.helpers import timeout
+from tests.processes import free_port
 
 __all__: list[str] = []
 
@@ -689,13 +689,6 @@ def image(tmp_path_factory: pytest.TempPathFactory) -> Image:
     image_root.mkdir()
     replay_build(found[0], image_root, base / "build.log")
     return replay_final(found[1], image_root, base / "build-stage")
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
-        probe.bind(("127.0.0.1", 0))
-        port: int = probe.getsockname()[1]
-    return port
 
 
 @dataclass

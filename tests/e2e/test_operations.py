@@ -29,8 +29,9 @@ from gateway.auth import mint_token
 from gateway.settings import load_settings
 from tests.e2e.conftest import Gateway, StartGateway
 from tests.e2e.test_frames import TEXT, RawClient, frame
-from tests.e2e.test_process import connect, free_port, gateway_process, receive
+from tests.e2e.test_process import connect, gateway_process, receive
 from tests.helpers import timeout
+from tests.processes import free_port
 
 pytestmark = pytest.mark.e2e
 

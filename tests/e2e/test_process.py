@@ -14,7 +14,6 @@ import json
 import os
 import secrets
 import signal
-import socket
 import ssl
 import sys
 from collections.abc import AsyncIterator
@@ -30,17 +29,11 @@ from websockets.asyncio.client import ClientConnection
 from websockets.exceptions import InvalidStatus
 
 from tests.helpers import timeout
+from tests.processes import free_port, gateway_cli
 
 pytestmark = pytest.mark.e2e
 
 __all__: list[str] = []
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
-        probe.bind(("127.0.0.1", 0))
-        port: int = probe.getsockname()[1]
-    return port
 
 
 @dataclass
@@ -81,25 +74,9 @@ def production_env(tmp_path: Path, ca: trustme.CA, port: int) -> dict[str, str]:
 
 
 async def gateway_token(env: dict[str, str], *args: str) -> str:
-    process = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-m",
-        "gateway",
-        "token",
-        *args,
-        env=env,
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.PIPE,
-    )
-    try:
-        async with asyncio.timeout(timeout(30)):
-            stdout, stderr = await process.communicate()
-    finally:
-        if process.returncode is None:
-            process.kill()
-            await process.wait()
-    assert process.returncode == 0, stderr.decode()
-    return stdout.decode().strip()
+    result = await gateway_cli("token", *args, env=env)
+    assert result.status == 0, result.stderr
+    return result.stdout.strip()
 
 
 async def wait_until_serving(gateway: Process, client_ssl: ssl.SSLContext) -> None:
