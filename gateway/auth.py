@@ -25,7 +25,7 @@ from cryptography.hazmat.primitives.serialization import load_pem_public_key
 from jwt.types import Options
 
 from gateway.errors import AuthError
-from gateway.settings import Settings
+from gateway.settings import ROOM_NAME, Settings, is_room_name
 
 __all__ = [
     "MAX_TOKEN_CHARS",
@@ -38,7 +38,6 @@ __all__ = [
 
 MAX_TOKEN_CHARS = 8192
 MAX_ROOMS = 100
-_ROOM_NAME = re.compile(r"[A-Za-z0-9_.:-]{1,64}")
 _B64TOKEN = re.compile(r"[A-Za-z0-9\-._~+/]+=*")  # RFC 6750 section 2.1
 _COMPACT_JWS = re.compile(r"[A-Za-z0-9_-]+\.[A-Za-z0-9_-]+\.[A-Za-z0-9_-]*")  # RFC 7515 7.1
 _ORIGIN_CHARS = re.compile(r"[\x21-\x7e]+")  # urlsplit silently drops tabs and newlines
@@ -86,9 +85,7 @@ def _text_ok(value: object, max_chars: int) -> bool:
 
 def _rooms_ok(rooms: object) -> bool:
     return (
-        isinstance(rooms, list)
-        and len(rooms) <= MAX_ROOMS
-        and all(isinstance(r, str) and _ROOM_NAME.fullmatch(r) for r in rooms)
+        isinstance(rooms, list) and len(rooms) <= MAX_ROOMS and all(is_room_name(r) for r in rooms)
     )
 
 
@@ -326,7 +323,7 @@ def mint_token(
     if name is not None and not _text_ok(name, 64):
         raise ValueError("name must be a string of 1 to 64 characters without control characters")
     if not _rooms_ok(room_list):
-        raise ValueError(f"rooms must be at most {MAX_ROOMS} names matching {_ROOM_NAME.pattern}")
+        raise ValueError(f"rooms must be at most {MAX_ROOMS} names matching {ROOM_NAME.pattern}")
     if not (math.isfinite(ttl_seconds) and ttl_seconds > 0):
         raise ValueError("ttl_seconds must be a positive number")
     issued_at = int(time.time() if now is None else now)

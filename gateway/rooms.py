@@ -8,18 +8,11 @@ frames that break the schema.
 
 from __future__ import annotations
 
-import re
 from collections.abc import Iterable
 
+from gateway.settings import ROOM_NAME, is_room_name
+
 __all__ = ["ROOM_NAME", "RoomPolicy", "is_room_name"]
-
-#: The room names of the wire contract (docs/protocol.md, schemas/).
-ROOM_NAME = re.compile(r"[A-Za-z0-9_.:-]{1,64}")
-
-
-def is_room_name(room: object) -> bool:
-    """Whether ``room`` is a string matching :data:`ROOM_NAME` in full."""
-    return isinstance(room, str) and ROOM_NAME.fullmatch(room) is not None
 
 
 def _checked(rooms: Iterable[str]) -> tuple[str, ...]:

@@ -22,10 +22,12 @@ __all__ = [
     "DEV_SECRET_FILE",
     "KNOWN_DEFAULT_SECRETS",
     "MIN_SECRET_BYTES",
+    "ROOM_NAME",
     "SHUTDOWN_RESERVE_SECONDS",
     "Secret",
     "Settings",
     "SettingsError",
+    "is_room_name",
     "load_settings",
 ]
 
@@ -60,7 +62,16 @@ ASYMMETRIC_ALGORITHMS = frozenset({"RS256", "ES256", "EdDSA"})
 SYMMETRIC_ALGORITHMS = frozenset({"HS256"})
 SUPPORTED_ALGORITHMS = ASYMMETRIC_ALGORITHMS | SYMMETRIC_ALGORITHMS
 
-_ROOM_NAME = re.compile(r"^[A-Za-z0-9_.:-]{1,64}$")
+#: The room names of the wire contract (docs/protocol.md, schemas/defs.json): the one rule,
+#: used by the settings, the token claims and the room policy. Match it in full.
+ROOM_NAME = re.compile(r"[A-Za-z0-9_.:-]{1,64}")
+
+
+def is_room_name(room: object) -> bool:
+    """Whether ``room`` is a string matching :data:`ROOM_NAME` in full (no trailing newline)."""
+    return isinstance(room, str) and ROOM_NAME.fullmatch(room) is not None
+
+
 _LIMITS_NOTATION = re.compile(r"^\s*\d+\s*(/|per)\s*(\d+\s*)?(second|minute|hour|day)s?\s*$")
 _LOG_LEVELS = ("CRITICAL", "ERROR", "WARNING", "INFO", "DEBUG")
 
@@ -290,7 +301,7 @@ def load_settings(env: Mapping[str, str]) -> Settings:
             )
     open_rooms = r.listing("GATEWAY_OPEN_ROOMS", ("lobby",))
     for room in open_rooms:
-        if not _ROOM_NAME.fullmatch(room):
+        if not is_room_name(room):
             r.problems.append(f"GATEWAY_OPEN_ROOMS: {room!r} is not a valid room name")
 
     connect_rate = r.text("GATEWAY_CONNECT_RATE", "30/minute")

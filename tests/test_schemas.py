@@ -23,6 +23,7 @@ from gateway.protocol import (
     SERVER_TYPES,
     validate_server_frame,
 )
+from gateway.settings import ROOM_NAME
 
 REPO = Path(__file__).resolve().parent.parent
 SCHEMA_FILES = sorted(SCHEMA_DIR.rglob("*.json"))
@@ -341,3 +342,9 @@ def test_validation_never_touches_the_network(monkeypatch: pytest.MonkeyPatch) -
     for frames in VALID_SERVER.values():
         for frame in frames:
             validate_server_frame(frame)
+
+
+def test_the_schema_room_pattern_is_the_code_rule() -> None:
+    """schemas/defs.json and gateway.settings.ROOM_NAME state one rule; keep them one."""
+    defs = json.loads((SCHEMA_DIR / "defs.json").read_text(encoding="utf-8"))
+    assert defs["$defs"]["room"]["pattern"] == f"^{ROOM_NAME.pattern}$"
