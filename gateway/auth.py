@@ -4,7 +4,9 @@
 a short ``reason`` and a fixed human ``detail``; neither ever carries the token or any part of it.
 Keys are bound to their algorithms once, at start-up (RFC 8725 section 3.1): a secret only with
 HS256, a public key only with the algorithm of its type, so ``none`` and algorithm confusion
-never reach a signature check. Times are checked against an injected clock.
+never reach a signature check. A token of another kind than an access token (a ``typ`` other
+than JWT or at+jwt, RFC 8725 section 3.11) is refused before it too. Times are checked against
+an injected clock.
 """
 
 from __future__ import annotations
@@ -44,6 +46,11 @@ _ORIGIN_CHARS = re.compile(r"[\x21-\x7e]+")  # urlsplit silently drops tabs and 
 # RFC 7515 4.1.2-4.1.6: key material named by the token itself is never trusted; 4.1.11: we
 # understand no critical extension, so a token that declares one must be rejected.
 _DISALLOWED_HEADERS = ("jwk", "jku", "x5u", "x5c", "crit")
+# RFC 8725 section 3.11: other kinds of JWT the same issuer signs (a password reset, a logout
+# token) carry their own typ. A typ, when present, must be a plain JWT or an access token
+# (RFC 9068 section 2.1); media types are case-insensitive and "application/" may be left out
+# (RFC 7515 section 4.1.9).
+_ALLOWED_TYPES = frozenset({"jwt", "at+jwt"})
 _DEFAULT_PORTS = {"http": 80, "https": 443}
 _LOCAL_HOSTS = frozenset({"localhost", "127.0.0.1", "::1"})
 _MAX_NUMERIC_DATE = 253_402_300_799.0  # 9999-12-31T23:59:59Z
@@ -98,6 +105,10 @@ def _numeric_date(payload: dict[str, Any], claim: str) -> float | None:
     if not 0 <= value <= _MAX_NUMERIC_DATE:  # also NaN and infinity (json accepts both)
         raise _claims_error(f"the {claim} claim is out of range")
     return float(value)
+
+
+def _type_allowed(typ: object) -> bool:
+    return isinstance(typ, str) and typ.lower().removeprefix("application/") in _ALLOWED_TYPES
 
 
 def _algorithms_for_key(key: object, allowed: tuple[str, ...]) -> tuple[str, ...]:
@@ -177,9 +188,9 @@ class TokenVerifier:
 
         Raises:
             AuthError: ``malformed``, ``disallowed_algorithm``, ``disallowed_header``,
-                ``unknown_key``, ``jwks_unavailable``, ``bad_signature``, ``expired``,
-                ``not_yet_valid``, ``invalid_audience``, ``invalid_issuer``, ``missing_claim``,
-                ``invalid_claims`` or ``invalid_token``.
+                ``disallowed_type``, ``unknown_key``, ``jwks_unavailable``, ``bad_signature``,
+                ``expired``, ``not_yet_valid``, ``invalid_audience``, ``invalid_issuer``,
+                ``missing_claim``, ``invalid_claims`` or ``invalid_token``.
         """
         if len(token) > MAX_TOKEN_CHARS or not _COMPACT_JWS.fullmatch(token):
             raise AuthError("malformed", "the token is not a compact JWS (RFC 7515 section 7.1)")
@@ -192,6 +203,8 @@ class TokenVerifier:
             raise AuthError("disallowed_algorithm", "the token's algorithm is not allowed")
         if any(name in header for name in _DISALLOWED_HEADERS):
             raise AuthError("disallowed_header", "the token names its own key or extensions")
+        if "typ" in header and not _type_allowed(header["typ"]):
+            raise AuthError("disallowed_type", "the token's type (typ) is not JWT or at+jwt")
         key = self._key
         if self._jwks is not None:
             key = await _jwks_key(self._jwks, header.get("kid"))

@@ -24,11 +24,13 @@ __all__ = [
     "MIN_SECRET_BYTES",
     "ROOM_NAME",
     "SHUTDOWN_RESERVE_SECONDS",
+    "UNPARSEABLE_URL",
     "Secret",
     "Settings",
     "SettingsError",
     "is_room_name",
     "load_settings",
+    "redact_url",
 ]
 
 #: Where ``python -m gateway dev-setup`` writes the development certificate, key and secret.
@@ -70,6 +72,36 @@ ROOM_NAME = re.compile(r"[A-Za-z0-9_.:-]{1,64}")
 def is_room_name(room: object) -> bool:
     """Whether ``room`` is a string matching :data:`ROOM_NAME` in full (no trailing newline)."""
     return isinstance(room, str) and ROOM_NAME.fullmatch(room) is not None
+
+
+#: What :func:`redact_url` shows instead of a value it cannot take apart safely.
+UNPARSEABLE_URL = "<unparseable URL>"
+
+_URL_CHARS = re.compile(r"[^\x00-\x20\x7f-\x9f]+")  # urlsplit silently drops tabs and newlines
+
+
+def redact_url(url: str) -> str:
+    """``url`` fit for an error message or a log line: scheme, host, port and path, no secrets.
+
+    The user and password (``redis://user:pass@host``) become ``***``; the query and the
+    fragment are dropped (redis-py reads ``?password=``). A value that is not a URL of the form
+    ``scheme://...`` that :func:`urllib.parse.urlsplit` takes apart (a bad port or IPv6
+    address, spaces, a password with an unescaped ``/`` that spills into the path) is shown as
+    :data:`UNPARSEABLE_URL`, since where its secret ends cannot be told.
+    """
+    if not _URL_CHARS.fullmatch(url):
+        return UNPARSEABLE_URL
+    try:
+        parts = urlsplit(url)
+        parts.port  # noqa: B018 - raises ValueError on a port that is not a number in range
+    except ValueError:
+        return UNPARSEABLE_URL
+    if not parts.scheme or not url[len(parts.scheme) + 1 :].startswith("//"):
+        return UNPARSEABLE_URL
+    _userinfo, at, host = parts.netloc.rpartition("@")
+    if "@" in parts.path or (not at and "@" in url):  # userinfo cut short by a / ? or #
+        return UNPARSEABLE_URL
+    return f"{parts.scheme}://{'***@' if at else ''}{host}{parts.path}"
 
 
 _LIMITS_NOTATION = re.compile(r"^\s*\d+\s*(/|per)\s*(\d+\s*)?(second|minute|hour|day)s?\s*$")
@@ -249,10 +281,14 @@ class _Reader:
 
 
 def _valid_origin(origin: str) -> bool:
-    parts = urlsplit(origin)
+    try:
+        parts = urlsplit(origin)
+    except ValueError:  # a bad IPv6 literal: https://[bad
+        return False
     return (
         parts.scheme in {"http", "https"}
         and bool(parts.netloc)
+        and "@" not in parts.netloc  # a browser's Origin never carries a user or password
         and not parts.path
         and not parts.query
         and not parts.fragment
@@ -268,7 +304,8 @@ def load_settings(env: Mapping[str, str]) -> Settings:
     Raises:
         SettingsError: with every problem found, when the configuration is unusable, or when
             production's rules (weak secret, missing TLS files, the development token endpoint,
-            no origin policy) are broken.
+            no origin policy, no token audience, a TLS proxy without trusted proxies) are
+            broken. A URL shown in a problem goes through :func:`redact_url`.
     """
     r = _Reader(env)
     mode = r.choice("GATEWAY_ENV", "development", ("development", "production"))
@@ -315,8 +352,7 @@ def load_settings(env: Mapping[str, str]) -> Settings:
         ("GATEWAY_RATELIMIT_STORAGE_URL", storage_url),
         ("GATEWAY_BROKER_URL", broker_url),
     ):
-        if urlsplit(url).scheme not in {"memory", "redis", "rediss"}:
-            r.problems.append(f"{name}={url!r} must be a memory:// or redis:// URL")
+        _check_url(r, name, url, ("memory", "redis", "rediss"), "a memory:// or redis:// URL")
 
     settings = Settings(
         env="production" if production else "development",
@@ -415,8 +451,30 @@ def _check_keys(
         r.problems.append("set GATEWAY_JWT_PUBLIC_KEY_FILE or GATEWAY_JWT_JWKS_URL, not both")
     if public_key_file is not None and not public_key_file.is_file():
         r.problems.append(f"GATEWAY_JWT_PUBLIC_KEY_FILE: {public_key_file} does not exist")
-    if jwks_url is not None and urlsplit(jwks_url).scheme not in {"https", "http"}:
-        r.problems.append(f"GATEWAY_JWT_JWKS_URL={jwks_url!r} must be an https:// URL")
+    if jwks_url is not None:
+        _check_url(r, "GATEWAY_JWT_JWKS_URL", jwks_url, ("https", "http"), "an https:// URL")
+
+
+def _url_scheme(url: str) -> str | None:
+    """The scheme of ``url``; None when urlsplit cannot parse it (or its port)."""
+    try:
+        parts = urlsplit(url)
+        parts.port  # noqa: B018 - raises ValueError on a port that is not a number in range
+    except ValueError:
+        return None
+    return parts.scheme
+
+
+def _check_url(r: _Reader, name: str, url: str, schemes: tuple[str, ...], what: str) -> None:
+    # Every URL shown goes through redact_url: a mistyped one still carries its password.
+    scheme = _url_scheme(url)
+    if scheme is None:
+        r.problems.append(
+            f"{name}={redact_url(url)} is not a valid URL (check the host and port, and "
+            "percent-encode reserved characters such as / ? # @ in the user and password)"
+        )
+    elif scheme not in schemes:
+        r.problems.append(f"{name}={redact_url(url)} must be {what}")
 
 
 def _check_shutdown(r: _Reader, s: Settings) -> None:
@@ -444,7 +502,7 @@ def _check_production(r: _Reader, s: Settings) -> None:
             )
         if value.lower() in KNOWN_DEFAULT_SECRETS:
             r.problems.append("production: the JWT secret is a well-known default; generate one")
-    if s.jwt_jwks_url is not None and urlsplit(s.jwt_jwks_url).scheme != "https":
+    if s.jwt_jwks_url is not None and _url_scheme(s.jwt_jwks_url) not in {None, "https"}:
         r.problems.append("production: GATEWAY_JWT_JWKS_URL must use https://")
     if s.tls == "on":
         for name, path in (
@@ -455,6 +513,18 @@ def _check_production(r: _Reader, s: Settings) -> None:
                 r.problems.append(f"production: {name} is required (or GATEWAY_TLS=proxy)")
             elif not path.is_file():
                 r.problems.append(f"production: {name}: {path} does not exist")
+    if s.tls == "proxy" and not s.trusted_proxies:
+        r.problems.append(
+            "production: GATEWAY_TLS=proxy needs GATEWAY_TRUSTED_PROXIES (the proxy's address): "
+            "without it every client seems to come from the proxy, so one client can spend "
+            "everyone's GATEWAY_CONNECT_RATE quota"
+        )
+    if s.jwt_audience is None:
+        r.problems.append(
+            "production: GATEWAY_JWT_AUDIENCE is required (the aud claim of this gateway's "
+            "tokens, like chat): without it, a token the same issuer signs for any other "
+            "service (a password reset, another API) would be accepted here"
+        )
     if s.dev_token_endpoint:
         r.problems.append("production: GATEWAY_DEV_TOKEN_ENDPOINT must be off")
     if not s.allowed_origins:

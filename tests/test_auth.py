@@ -186,6 +186,44 @@ async def test_key_carrying_headers_are_rejected(
     assert (await rejected(verifier, token)).reason == "disallowed_header"
 
 
+@pytest.mark.parametrize(
+    "typ",
+    ["JWT", "jwt", "application/jwt", "Application/JWT", "at+jwt", "AT+JWT", "application/at+jwt"],
+)
+async def test_access_token_types_pass(verifier: TokenVerifier, typ: str) -> None:
+    # RFC 7519 section 5.1 and RFC 9068 section 2.1; media types are case-insensitive, and
+    # RFC 7515 section 4.1.9 lets "application/" be left out.
+    assert (await verifier.verify(hs_token(claims(), typ=typ))).user_id == "alice"
+
+
+async def test_a_token_without_typ_passes(verifier: TokenVerifier) -> None:
+    token = forge({"alg": "HS256"}, claims(), SECRET.encode())
+    assert (await verifier.verify(token)).user_id == "alice"
+
+
+@pytest.mark.parametrize(
+    "typ",
+    [
+        "reset+jwt",  # a password-reset token of the same issuer, signed with the same secret
+        "logout+jwt",  # OpenID Connect back-channel logout
+        "secevent+jwt",  # RFC 8417
+        "JOSE",
+        "application/jose",
+        "application/application/jwt",
+        "jwt ",
+        "",
+        None,
+        7,
+        ["JWT"],
+    ],
+)
+async def test_other_token_types_are_rejected(verifier: TokenVerifier, typ: object) -> None:
+    # RFC 8725 section 3.11: a valid signature on a token of another kind is not a login.
+    err = await rejected(verifier, hs_token(claims(), typ=typ))
+    assert err.reason == "disallowed_type"
+    assert "typ" in err.detail
+
+
 @pytest.mark.parametrize("headers", [{"crit": ["exp"]}, {"crit": "b64"}, {"kid": 7}])
 async def test_invalid_header_parameters_are_malformed(
     verifier: TokenVerifier, headers: dict[str, object]

@@ -18,9 +18,15 @@ import pytest
 from gateway import __main__ as cli
 from gateway.auth import TokenVerifier
 from gateway.errors import AuthError
-from gateway.settings import DEV_CERT_FILE, DEV_KEY_FILE, DEV_SECRET_FILE, Settings
+from gateway.settings import (
+    DEV_CERT_FILE,
+    DEV_KEY_FILE,
+    DEV_SECRET_FILE,
+    UNPARSEABLE_URL,
+    Settings,
+)
 from tests.helpers import TEST_SECRET, make_settings
-from tests.processes import clean_env, gateway_cli
+from tests.processes import clean_env, free_port, gateway_cli
 
 __all__: list[str] = []
 
@@ -129,16 +135,93 @@ async def test_production_refuses_and_lists_every_problem(
     assert result.status == 2
     assert result.stdout == ""
     problems = [line for line in result.stderr.splitlines() if line.startswith("  - ")]
-    assert len(problems) == 5, result.stderr
+    assert len(problems) == 6, result.stderr
     for expected in (
         secret_problem,
         "GATEWAY_TLS_CERT_FILE is required",
         "GATEWAY_TLS_KEY_FILE: " + str(tmp_path / "missing-key.pem") + " does not exist",
         "GATEWAY_DEV_TOKEN_ENDPOINT must be off",
         "GATEWAY_ALLOWED_ORIGINS is required",
+        "GATEWAY_JWT_AUDIENCE is required",
     ):
         assert any(expected in problem for problem in problems), expected
     assert secret not in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def production_env(tmp_path: Path, **overrides: str) -> dict[str, str]:
+    """A production configuration that passes every check (the TLS files are not PEM: a
+    process that got past the checks would stop at once, not serve)."""
+    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
+    cert.write_text("not a certificate")
+    key.write_text("not a key")
+    env = {
+        "GATEWAY_ENV": "production",
+        "GATEWAY_JWT_SECRET": TEST_SECRET,
+        "GATEWAY_TLS_CERT_FILE": str(cert),
+        "GATEWAY_TLS_KEY_FILE": str(key),
+        "GATEWAY_ALLOWED_ORIGINS": "https://chat.example.com",
+        "GATEWAY_JWT_AUDIENCE": "chat",
+        "GATEWAY_HOST": "127.0.0.1",
+        "GATEWAY_PORT": str(free_port()),
+        "GATEWAY_METRICS_PORT": "0",
+    }
+    return clean_env(**{**env, **overrides})
+
+
+@pytest.mark.parametrize(
+    ("overrides", "problem"),
+    [
+        # Behind a proxy, without trusted proxies, every client would share the proxy's quota.
+        (
+            {"GATEWAY_TLS": "proxy"},
+            "production: GATEWAY_TLS=proxy needs GATEWAY_TRUSTED_PROXIES",
+        ),
+        # Without an audience, a token the issuer signed for another service would log in.
+        ({"GATEWAY_JWT_AUDIENCE": ""}, "production: GATEWAY_JWT_AUDIENCE is required"),
+    ],
+    ids=["proxy-without-trusted-proxies", "no-audience"],
+)
+async def test_serve_refuses_an_unsafe_production_configuration(
+    tmp_path: Path, overrides: dict[str, str], problem: str
+) -> None:
+    result = await gateway_cli("serve", env=production_env(tmp_path, **overrides), cwd=tmp_path)
+    assert (result.status, result.stdout) == (2, ""), result.stderr
+    problems = [line for line in result.stderr.splitlines() if line.startswith("  - ")]
+    assert len(problems) == 1, result.stderr
+    assert problems[0].startswith(f"  - {problem}")
+    assert "Traceback" not in result.stderr
+
+
+@pytest.mark.parametrize(
+    ("urls", "shown"),
+    [
+        (  # the wrong scheme: the URL is shown, without user, password, query or fragment
+            {
+                "GATEWAY_RATELIMIT_STORAGE_URL": "redis+sentinel://:S3cr3t@host:26379/0",
+                "GATEWAY_JWT_JWKS_URL": "ftp://idp:S3cr3t@idp.example/jwks.json?password=S3cr3t",
+            },
+            [
+                "GATEWAY_RATELIMIT_STORAGE_URL=redis+sentinel://***@host:26379/0 must be",
+                "GATEWAY_JWT_JWKS_URL=ftp://***@idp.example/jwks.json must be",
+            ],
+        ),
+        (  # urlsplit cannot parse it: a problem (not a traceback), and a placeholder
+            {"GATEWAY_BROKER_URL": "redis://:S3cr3t@[::1/0"},
+            [f"GATEWAY_BROKER_URL={UNPARSEABLE_URL} is not a valid URL"],
+        ),
+    ],
+    ids=["wrong-scheme", "unparseable"],
+)
+async def test_serve_never_shows_the_password_of_a_url(
+    tmp_path: Path, urls: dict[str, str], shown: list[str]
+) -> None:
+    env = clean_env(GATEWAY_JWT_SECRET=TEST_SECRET, **urls)
+    result = await gateway_cli("serve", env=env, cwd=tmp_path)
+    assert (result.status, result.stdout) == (2, ""), result.stderr
+    assert "S3cr3t" not in result.stderr
+    for text in shown:
+        assert text in result.stderr
     assert "Traceback" not in result.stderr
 
 
@@ -195,7 +278,9 @@ async def test_dev_setup_writes_the_files_once(tmp_path: Path) -> None:
             {
                 "GATEWAY_ENV": "production",
                 "GATEWAY_TLS": "proxy",
+                "GATEWAY_TRUSTED_PROXIES": "10.0.0.1",
                 "GATEWAY_ALLOWED_ORIGINS": "https://chat.example.com",
+                "GATEWAY_JWT_AUDIENCE": "chat",
             },
             "http://localhost:3001/",
             False,

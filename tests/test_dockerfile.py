@@ -38,6 +38,7 @@ import pytest
 import trustme
 import yaml
 
+from gateway.settings import SettingsError, load_settings
 from tests.helpers import timeout
 from tests.processes import free_port
 
@@ -484,6 +485,31 @@ def test_compose_runs_two_gateway_replicas_behind_haproxy() -> None:
     assert proxy["ports"] == ["443:8443"]
 
 
+def test_compose_passes_the_production_checks(tmp_path: Path) -> None:
+    """Each replica's environment (the image's ENV, then compose's) is one production starts
+    with: no configuration problem stops the replicas in a restart loop."""
+    secret = tmp_path / "jwt"
+    secret.write_text(secrets.token_urlsafe(48) + "\n", encoding="utf-8")
+    for name, service in services().items():
+        if not name.startswith("gateway"):
+            continue
+        env = {k: v for k, v in final_stage().env().items() if k.startswith("GATEWAY_")}
+        for key, value in service["environment"].items():
+            # ${NAME:?message}: the operator must set it (docs/deployment.md sets it so).
+            text = str(value)
+            if text.startswith("${GATEWAY_ALLOWED_ORIGINS:?"):
+                text = "https://chat.example.com"
+            assert "$" not in text, f"{name}: {key}={text} is not substituted here"
+            env[key] = text
+        assert env["GATEWAY_ENV"] == "production"
+        assert env["GATEWAY_JWT_SECRET_FILE"] == "/run/secrets/jwt"
+        env["GATEWAY_JWT_SECRET_FILE"] = str(secret)  # the compose secret, mounted
+        try:
+            load_settings(env)
+        except SettingsError as error:
+            raise AssertionError(f"{name} would not start: {error}") from None
+
+
 def haproxy_sections() -> dict[str, list[str]]:
     sections: dict[str, list[str]] = {}
     current: list[str] = []
@@ -739,6 +765,7 @@ def start(image: Image, secrets_dir: Path, tmp_path: Path) -> Iterator[Start]:
     overrides = {
         "GATEWAY_JWT_SECRET_FILE": "/run/secrets/jwt",
         "GATEWAY_ALLOWED_ORIGINS": "https://chat.example.com",
+        "GATEWAY_JWT_AUDIENCE": "chat",
         # Not the image's 0.0.0.0 and fixed ports: this machine is shared.
         "GATEWAY_HOST": "127.0.0.1",
         "GATEWAY_PORT": str(port),

@@ -4,7 +4,7 @@ from pathlib import Path
 
 import pytest
 
-from gateway.settings import Secret, SettingsError, load_settings
+from gateway.settings import UNPARSEABLE_URL, Secret, SettingsError, load_settings, redact_url
 
 STRONG = "s" * 48
 
@@ -19,6 +19,7 @@ def prod_env(tmp_path: Path, **extra: str) -> dict[str, str]:
         "GATEWAY_TLS_CERT_FILE": str(cert),
         "GATEWAY_TLS_KEY_FILE": str(key),
         "GATEWAY_ALLOWED_ORIGINS": "https://chat.example.com",
+        "GATEWAY_JWT_AUDIENCE": "chat",
     }
     env.update(extra)
     return env
@@ -94,6 +95,7 @@ def test_production_reports_every_problem_at_once(tmp_path: Path) -> None:
         "GATEWAY_TLS_KEY_FILE is required",
         "GATEWAY_DEV_TOKEN_ENDPOINT must be off",
         "GATEWAY_ALLOWED_ORIGINS is required",
+        "GATEWAY_JWT_AUDIENCE is required",
         "GATEWAY_PORT='http'",
     ):
         assert needle in text, text
@@ -113,6 +115,37 @@ def test_production_behind_a_tls_proxy_needs_no_certificate(tmp_path: Path) -> N
     assert settings.trusted_proxies == ("10.0.0.0/8",)
 
 
+@pytest.mark.parametrize("proxies", [None, "", " , "])
+def test_production_behind_a_tls_proxy_needs_trusted_proxies(
+    tmp_path: Path, proxies: str | None
+) -> None:
+    # Without them every client is keyed by the proxy's address: one client spends the quota.
+    env = prod_env(tmp_path, GATEWAY_TLS="proxy")
+    if proxies is not None:
+        env["GATEWAY_TRUSTED_PROXIES"] = proxies
+    [problem] = problems(env)
+    assert problem.startswith("production: GATEWAY_TLS=proxy needs GATEWAY_TRUSTED_PROXIES")
+    assert "GATEWAY_CONNECT_RATE" in problem  # says why
+
+
+def test_development_behind_a_tls_proxy_needs_no_trusted_proxies() -> None:
+    settings = load_settings({"GATEWAY_JWT_SECRET": "dev", "GATEWAY_TLS": "proxy"})
+    assert (settings.tls, settings.trusted_proxies) == ("proxy", ())
+
+
+@pytest.mark.parametrize("audience", [None, "", "  "])
+def test_production_requires_an_audience(tmp_path: Path, audience: str | None) -> None:
+    env = prod_env(tmp_path)
+    del env["GATEWAY_JWT_AUDIENCE"]
+    if audience is not None:
+        env["GATEWAY_JWT_AUDIENCE"] = audience
+    [problem] = problems(env)
+    assert problem.startswith("production: GATEWAY_JWT_AUDIENCE is required")
+    assert "other service" in problem  # says why
+    # Development keeps accepting tokens without aud when none is configured.
+    assert load_settings({"GATEWAY_JWT_SECRET": "dev"}).jwt_audience is None
+
+
 @pytest.mark.parametrize(
     ("name", "value"),
     [
@@ -127,6 +160,8 @@ def test_production_behind_a_tls_proxy_needs_no_certificate(tmp_path: Path) -> N
         ("GATEWAY_BROKER_URL", "amqp://x"),
         ("GATEWAY_ALLOWED_ORIGINS", "https://ok.example,chat.example.com"),
         ("GATEWAY_ALLOWED_ORIGINS", "https://chat.example.com/path"),
+        ("GATEWAY_ALLOWED_ORIGINS", "https://[bad"),  # urlsplit raises: not a traceback
+        ("GATEWAY_ALLOWED_ORIGINS", "https://u:p@chat.example.com"),  # matches no browser
         ("GATEWAY_OPEN_ROOMS", "lobby,has space"),
         ("GATEWAY_JWT_ALGORITHMS", "none"),
         ("GATEWAY_JWT_ALGORITHMS", "HS256,RS256"),
@@ -217,3 +252,88 @@ def test_metrics_can_be_turned_off_and_moved() -> None:
     assert load_settings(env).metrics_port == 0
     env.update(GATEWAY_METRICS_HOST="0.0.0.0", GATEWAY_METRICS_PORT="9200")
     assert (load_settings(env).metrics_host, load_settings(env).metrics_port) == ("0.0.0.0", 9200)
+
+
+# --- URLs in messages: never a password ----------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("url", "shown"),
+    [
+        ("redis://:S3cr3t@redis:6379/0", "redis://***@redis:6379/0"),  # password only
+        ("rediss://alice:S3cr3t@redis.example:6380/1", "rediss://***@redis.example:6380/1"),
+        ("redis://alice@redis/2", "redis://***@redis/2"),  # user only
+        ("redis+sentinel://:S3cr3t@host:26379/0", "redis+sentinel://***@host:26379/0"),
+        ("redis://redis:6379/0?password=S3cr3t", "redis://redis:6379/0"),  # redis-py reads it
+        ("redis://redis:6379/0#S3cr3t", "redis://redis:6379/0"),
+        ("redis://u:S3cr3t@[2001:db8::1]:6379/0?x=1", "redis://***@[2001:db8::1]:6379/0"),
+        ("redis://[::1]/0", "redis://[::1]/0"),
+        (
+            "https://idp.example.com/.well-known/jwks.json",
+            "https://idp.example.com/.well-known/jwks.json",
+        ),
+        ("memory://", "memory://"),
+        ("unix:///run/redis.sock?password=S3cr3t", "unix:///run/redis.sock"),
+        ("redis://:p@ss:S3cr3t@host/0", "redis://***@host/0"),  # an unescaped @ in it
+    ],
+)
+def test_redact_url_keeps_where_and_drops_who(url: str, shown: str) -> None:
+    assert redact_url(url) == shown
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "redis://:S3cr3t@[::1/0",  # urlsplit: invalid IPv6 URL
+        "redis://:S3cr3t@host:port/0",  # not a port
+        "redis://:S3cr3t@host:99999/0",  # out of range
+        "redis://:S3/cr3t@host/0",  # an unescaped / cuts the userinfo: the rest is a "path"
+        "redis://u:1234?S3cr3t@host/0",  # ... or a ? (netloc "u:1234" would show 1234)
+        "redis://u:S3#cr3t@host/0",
+        "redis://:S3cr3t @host/0",  # whitespace
+        "redis://:S3cr3t\t@host/0",  # urlsplit drops tabs silently
+        "S3cr3t",  # not a URL at all
+        ":S3cr3t@host:6379",
+        "",
+    ],
+)
+def test_redact_url_shows_a_placeholder_for_what_it_cannot_take_apart(url: str) -> None:
+    assert redact_url(url) == UNPARSEABLE_URL
+
+
+@pytest.mark.parametrize(
+    ("name", "url", "shown"),
+    [
+        (
+            "GATEWAY_RATELIMIT_STORAGE_URL",
+            "redis+sentinel://:S3cr3t@host:26379/0",
+            "redis+sentinel://***@host:26379/0",
+        ),
+        (
+            "GATEWAY_BROKER_URL",
+            "amqp://guest:S3cr3t@mq:5672/?password=S3cr3t",
+            "amqp://***@mq:5672/",
+        ),
+        ("GATEWAY_BROKER_URL", "redis://:S3cr3t@[::1/0", UNPARSEABLE_URL),
+        ("GATEWAY_RATELIMIT_STORAGE_URL", "redis://:S3cr3t@redis:99999/0", UNPARSEABLE_URL),
+        (
+            "GATEWAY_JWT_JWKS_URL",
+            "ftp://idp:S3cr3t@idp.example/jwks.json",
+            "ftp://***@idp.example/jwks.json",
+        ),
+        ("GATEWAY_JWT_JWKS_URL", "https://idp:S3cr3t@idp.example:x/jwks", UNPARSEABLE_URL),
+    ],
+)
+def test_url_settings_are_reported_without_their_password(name: str, url: str, shown: str) -> None:
+    found = problems({"GATEWAY_JWT_SECRET": "dev", name: url})
+    text = "\n".join(found)
+    assert "S3cr3t" not in text
+    [problem] = [p for p in found if p.startswith(f"{name}=")]
+    assert problem.startswith(f"{name}={shown} ")
+
+
+def test_production_jwks_url_is_reported_without_its_password(tmp_path: Path) -> None:
+    env = prod_env(tmp_path, GATEWAY_JWT_JWKS_URL="http://idp:S3cr3t@idp.example/jwks.json")
+    del env["GATEWAY_JWT_SECRET"]
+    found = problems(env)
+    assert found == ["production: GATEWAY_JWT_JWKS_URL must use https://"]

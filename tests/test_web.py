@@ -39,11 +39,14 @@ async def json_body(response: Response) -> dict[str, Any]:
 
 
 def production_settings(**overrides: str) -> Mapping[str, str]:
-    """Production, made valid without files: TLS ends at a proxy, a strong secret, an origin."""
+    """Production, made valid without files: TLS ends at a trusted proxy, a strong secret, an
+    origin and an audience."""
     return {
         "GATEWAY_ENV": "production",
         "GATEWAY_TLS": "proxy",
+        "GATEWAY_TRUSTED_PROXIES": "10.0.0.1",
         "GATEWAY_ALLOWED_ORIGINS": "https://chat.example.com",
+        "GATEWAY_JWT_AUDIENCE": "chat",
         **overrides,
     }
 

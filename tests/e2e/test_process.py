@@ -16,6 +16,7 @@ import secrets
 import signal
 import ssl
 import sys
+import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -64,6 +65,7 @@ def production_env(tmp_path: Path, ca: trustme.CA, port: int) -> dict[str, str]:
         GATEWAY_TLS_CERT_FILE=str(cert_file),
         GATEWAY_TLS_KEY_FILE=str(key_file),
         GATEWAY_ALLOWED_ORIGINS="https://chat.example.com",
+        GATEWAY_JWT_AUDIENCE="chat",  # production requires one; `gateway token` adds it
         GATEWAY_HOST="127.0.0.1",
         GATEWAY_PORT=str(port),
         GATEWAY_LOG_LEVEL="INFO",
@@ -215,3 +217,47 @@ async def test_production_process_serves_chat_and_stops_cleanly(
             assert part not in stdout
             assert part not in stderr
     assert gateway.env["GATEWAY_JWT_SECRET"] not in stdout + stderr
+
+
+async def test_production_process_accepts_only_access_tokens_for_its_audience(
+    tmp_path: Path, ca: trustme.CA, client_ssl: ssl.SSLContext
+) -> None:
+    # Every token below is signed with the gateway's own secret, as the issuer's other tokens
+    # (a password reset, a token for another service) would be.
+    async with gateway_process(tmp_path, ca, client_ssl) as gateway:
+        secret = gateway.env["GATEWAY_JWT_SECRET"]
+        exp = int(time.time()) + 600
+        minted = await gateway_token(gateway.env, "--sub", "alice", "--ttl", "600")
+        access = jwt.encode(
+            {"sub": "carol", "aud": "chat", "exp": exp}, secret, headers={"typ": "at+jwt"}
+        )
+        refused = {
+            "missing_claim": jwt.encode({"sub": "mallory", "exp": exp}, secret),  # no aud
+            "invalid_audience": jwt.encode(
+                {"sub": "mallory", "aud": "billing", "exp": exp}, secret
+            ),
+            "disallowed_type": jwt.encode(
+                {"sub": "mallory", "aud": "chat", "exp": exp}, secret, headers={"typ": "reset+jwt"}
+            ),
+        }
+        for reason, token in refused.items():
+            with pytest.raises(InvalidStatus) as caught:
+                ws = await connect(
+                    gateway, client_ssl, additional_headers={"Authorization": f"Bearer {token}"}
+                )
+                await ws.close()
+            response = caught.value.response
+            assert response.status_code == 401, reason
+            assert response.headers["WWW-Authenticate"] == 'Bearer error="invalid_token"'
+            assert json.loads(response.body)["error"] == "invalid_token"
+        for token, user in ((minted, "alice"), (access, "carol")):
+            ws = await connect(
+                gateway, client_ssl, additional_headers={"Authorization": f"Bearer {token}"}
+            )
+            assert (await receive(ws))["user"]["id"] == user
+            await ws.close()
+
+    _, stderr = gateway.output()
+    entries = [json.loads(line) for line in stderr.splitlines()]
+    reasons = [e["reason"] for e in entries if e["event"] == "upgrade rejected"]
+    assert reasons == list(refused)
