@@ -1,8 +1,9 @@
 """The transport edge: Quart routes, the upgrade checks, and the chat page.
 
 This is the only module (with app.py and server.py) that knows Quart. The upgrade is refused
-with a real HTTP response, before ``accept()``, in this order: connection attempts per address
-(429), origin (403), credentials (401), capacity (503) and open connections per user (429).
+with a real HTTP response, before ``accept()``, in this order: origin (403), connection attempts
+per address (429), credentials (401), capacity (503) and open connections per user (429). The
+origin comes first so that a page on another site cannot spend a visitor's attempts.
 Every attempt is counted by outcome, and every accepted connection by its close code.
 
 Probes, without a token: ``GET /healthz`` answers 200 while the process lives (liveness);
@@ -379,6 +380,8 @@ async def _check_upgrade(services: Services, address: str) -> Principal:
     settings = services.settings
     if services.draining:
         raise _shutting_down()
+    if not origin_allowed(websocket.headers.get("Origin"), settings):
+        raise HandshakeRejected(403, "origin_not_allowed", "this origin may not connect")
     wait_seconds = await services.attempts.hit(address_key(address))
     if wait_seconds is not None:
         raise HandshakeRejected(
@@ -387,8 +390,6 @@ async def _check_upgrade(services: Services, address: str) -> Principal:
             "too many connection attempts from this address",
             {"Retry-After": str(max(1, int(wait_seconds + 0.999)))},
         )
-    if not origin_allowed(websocket.headers.get("Origin"), settings):
-        raise HandshakeRejected(403, "origin_not_allowed", "this origin may not connect")
     token = extract_token(websocket.headers.get("Authorization"), websocket.query_string)
     principal = await services.verifier.verify(token)
     if services.draining:  # shutdown began while the token was verified; nothing awaits below

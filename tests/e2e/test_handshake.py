@@ -108,6 +108,21 @@ async def test_connection_attempts_per_address(start_gateway: StartGateway) -> N
         assert body(error)["error"] == "too_many_attempts"
 
 
+async def test_cross_origin_attempts_do_not_spend_the_addresss_quota(
+    start_gateway: StartGateway,
+) -> None:
+    # A page on another site makes the visitor's browser try again and again: each is refused
+    # for its origin, and the visitor's own page can still connect afterwards.
+    async with start_gateway(
+        GATEWAY_CONNECT_RATE="3/minute", GATEWAY_ALLOWED_ORIGINS="https://chat.example.com"
+    ) as gw:
+        for _ in range(25):
+            error = await rejected(gw, origin="https://evil.example.com")
+            assert error.response.status_code == 403
+        ws = await gw.connect(gw.token("alice"), origin="https://chat.example.com")
+        await ws.close()
+
+
 async def test_open_connections_per_user(start_gateway: StartGateway) -> None:
     async with start_gateway(GATEWAY_MAX_CONNECTIONS_PER_USER="2") as gw:
         first = await gw.user("alice")

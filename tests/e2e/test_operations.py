@@ -150,9 +150,10 @@ async def test_the_metrics_listener_counts_the_gateway_at_work(
         await bob.close()
         assert bob.ws.close_code == 1000
 
-        # Nine attempts so far; bad tokens until the per-address rate (15 a minute) refuses.
-        statuses = [await refused_status(gw, "bad.token.here") for _ in range(8)]
-        assert statuses == [401] * 6 + [429] * 2
+        # Eight attempts counted so far (the foreign origin was refused before the quota);
+        # bad tokens until the per-address rate (15 a minute) refuses.
+        statuses = [await refused_status(gw, "bad.token.here") for _ in range(9)]
+        assert statuses == [401] * 7 + [429] * 2
 
         expected_disconnects = {"1000": 1, "4029": 1, "1003": 1, "1009": 1, "1007": 1}
 
@@ -170,7 +171,7 @@ async def test_the_metrics_listener_counts_the_gateway_at_work(
 
         assert attempts("accepted") == 6  # alice, bob, carol, dave, frank, erin
         assert (attempts("origin"), attempts("capacity")) == (1, 1)
-        assert (attempts("token"), attempts("rate")) == (1 + 6, 2)
+        assert (attempts("token"), attempts("rate")) == (1 + 7, 2)
         assert value(after, "gateway_connections_open") == 1  # alice
         assert value(after, "gateway_disconnects_total", code="1006") == 0
 
