@@ -4,9 +4,14 @@
 // Stable hooks for end-to-end tests:
 //   #conn-state[data-state=connecting|connected|disconnected|reconnecting]  text "Connecting…", "Connected",
 //                    "Disconnected", "Reconnecting in N s…"
-//   #notice (role=status)[data-code=<error code>|too_long|session-expired|close-<code>|signin|""]
+//   #notice (role=status)[data-code=<error code>|too_long|session-expired|close-<code>|signin|link-expired|
+//                    link-invalid|""]
 //   #live            visually hidden live region: every connection state change
 //   #signin-panel, #signin (form), #signin-name, #signin-submit
+//   #link-signin-panel (a #token=... link: shown instead of connecting), #link-signin-heading,
+//                    #link-signin-name, #link-signin-sub (the token's name and sub claims),
+//                    #link-signin-continue (text "Continue as <name>", the name in #link-signin-continue-name),
+//                    #link-signin-cancel
 //   #chat (hidden until signed in), #me[data-user-id], #signout, #reconnect (shown after a "stop" close)
 //   #rooms > li > button.room[data-room][data-joined=true|false][aria-current=true on the active room]
 //   #current-room[data-room], #leave-room, #members > li[data-user-id], #member-count, #typing
@@ -84,12 +89,24 @@ export function errorText(frame) {
   return Object.hasOwn(texts, frame.code) ? texts[frame.code] : detail || "Something went wrong.";
 }
 
+/** A JWT's {sub, name, exp (s)}, read without verifying (the server verifies): each null when absent or not
+ * of its type (an empty string counts as absent); null when the payload is not base64url UTF-8 JSON of an object. */
+export function jwtClaims(token) {
+  try {
+    const parts = token.split(".");
+    if (parts.length !== 3) return null;
+    const bytes = Uint8Array.from(atob(parts[1].replace(/-/g, "+").replace(/_/g, "/")), (c) => c.charCodeAt(0));
+    const p = JSON.parse(new TextDecoder("utf-8", { fatal: true }).decode(bytes));
+    if (typeof p !== "object" || p === null || Array.isArray(p)) return null;
+    const text = (v) => (typeof v === "string" && v ? v : null);
+    return { sub: text(p.sub), name: text(p.name), exp: Number.isFinite(p.exp) ? p.exp : null };
+  } catch { return null; }
+}
+
 /** The `exp` of a JWT in ms, read without verifying (the server verifies); null when absent. */
 export function jwtExpiryMs(token) {
-  try {
-    const exp = JSON.parse(atob(token.split(".")[1].replace(/-/g, "+").replace(/_/g, "/"))).exp;
-    return Number.isFinite(exp) ? exp * 1000 : null;
-  } catch { return null; }
+  const exp = jwtClaims(token)?.exp;
+  return exp == null ? null : exp * 1000;
 }
 
 const STOP_TEXT = {
@@ -115,7 +132,10 @@ function startApp() {
     chat: $("chat"), me: $("me"), signout: $("signout"), reconnect: $("reconnect"), conn: $("conn-state"),
     live: $("live"), notice: $("notice"), rooms: $("rooms"), currentRoom: $("current-room"), leave: $("leave-room"),
     members: $("members"), memberCount: $("member-count"), typing: $("typing"), log: $("messages"),
-    composer: $("composer"), input: $("message-input"), send: $("send-button"),
+    composer: $("composer"), input: $("message-input"), send: $("send-button"), linkPanel: $("link-signin-panel"),
+    linkHeading: $("link-signin-heading"), linkName: $("link-signin-name"), linkSub: $("link-signin-sub"),
+    linkContinue: $("link-signin-continue"), linkContinueName: $("link-signin-continue-name"),
+    linkCancel: $("link-signin-cancel"),
   };
   const area = (name) => { try { return window[name]; } catch { return null; } };
   const local = area("localStorage");
@@ -558,7 +578,7 @@ function startApp() {
     ui.signinSubmit.disabled = false;
   });
   function showChat(on) {
-    [ui.signinPanel.hidden, ui.chat.hidden, ui.signout.hidden] = [on, !on, !on];
+    [ui.signinPanel.hidden, ui.chat.hidden, ui.signout.hidden, ui.linkPanel.hidden] = [on, !on, !on, true];
     if (!on) ui.name.focus();
   }
   function startSession() {
@@ -567,13 +587,37 @@ function startApp() {
     connect();
   }
 
-  // ---- start: a token in the fragment (#token=...) or the sign-in form ----
+  // ---- a sign-in link (#token=...): anyone can send one, signing the reader in as whoever made it (a login
+  // CSRF), so the page names that identity and asks; nothing connects before Continue ----
+  let linkToken = null;
+  function offerLink(token) {
+    const claims = jwtClaims(token);
+    const expired = claims?.exp != null && claims.exp * 1000 <= Date.now();
+    if (!claims?.sub || expired) {
+      showChat(false);
+      return notify(expired ? "This sign-in link has expired: ask for a new one."
+        : "This sign-in link is not valid: ask for a new one.", expired ? "link-expired" : "link-invalid", true);
+    }
+    const name = claims.name ?? claims.sub; // the server's rule: no name claim, the sub is the name
+    linkToken = token;
+    [ui.linkName.textContent, ui.linkSub.textContent, ui.linkContinueName.textContent] = [name, claims.sub, name];
+    [ui.signinPanel.hidden, ui.chat.hidden, ui.signout.hidden, ui.linkPanel.hidden] = [true, true, true, false];
+    ui.linkHeading.focus(); // read first; Enter on the heading does nothing, so no one continues by accident
+  }
+  ui.linkContinue.addEventListener("click", () => {
+    if (!linkToken) return;
+    [S.token, S.expiresAt, linkToken] = [linkToken, jwtExpiryMs(linkToken), null];
+    notify("");
+    startSession();
+  });
+  ui.linkCancel.addEventListener("click", () => { linkToken = null; showChat(false); });
+
+  // ---- start: a token in the fragment (#token=...), confirmed first, or the sign-in form ----
   const fragmentToken = new URLSearchParams(location.hash.slice(1)).get("token");
   ui.name.value = get(local, K + "name") ?? "";
-  if (fragmentToken) {
+  if (fragmentToken !== null) {
     history.replaceState(null, "", location.pathname + location.search); // keep it out of history and screenshots
-    [S.token, S.expiresAt] = [fragmentToken, jwtExpiryMs(fragmentToken)];
-    startSession();
+    offerLink(fragmentToken);
   } else {
     showChat(false);
   }

@@ -143,6 +143,8 @@ class ChatPage:
     console_errors: list[str] = field(default_factory=list)
     page_errors: list[str] = field(default_factory=list)
     frames: list[Frame] = field(default_factory=list)
+    #: The URL of every WebSocket the page opened (or tried to), in order.
+    sockets: list[str] = field(default_factory=list)
 
     # ---- the hooks listed at the top of static/app.js ----
     @property
@@ -244,6 +246,8 @@ class ChatPage:
         self.page_errors.append(f"{error.name}: {error.message}")
 
     def _on_websocket(self, ws: WebSocket) -> None:
+        self.sockets.append(ws.url)
+
         def record(direction: str) -> Callable[[str | bytes], None]:
             def handler(payload: str | bytes) -> None:
                 try:
@@ -259,13 +263,20 @@ class ChatPage:
 
 
 async def open_chat(
-    browser: Browser, base_url: str, *, reconnect_options: Mapping[str, float] | None = None
+    browser: Browser,
+    base_url: str,
+    *,
+    reconnect_options: Mapping[str, float] | None = None,
+    fragment: str = "",
+    shows: str = "#signin-panel",
 ) -> ChatPage:
     """A new context and page on the chat page, at the sign-in form.
 
     Args:
         reconnect_options: merged into ``window.chatClient.reconnectOptions`` by an init script
             that runs before app.js (baseMs, capMs, stableMs).
+        fragment: opens ``/#<fragment>`` instead (``token=<jwt>``: a sign-in link).
+        shows: the panel the page must show once open (``#link-signin-panel`` for a link).
     """
     context = await browser.new_context(
         ignore_https_errors=True, viewport={"width": 960, "height": 600}
@@ -282,8 +293,8 @@ async def open_chat(
     page.on("console", chat._on_console)
     page.on("pageerror", chat._on_page_error)
     page.on("websocket", chat._on_websocket)
-    await page.goto(base_url + "/", timeout=wait_ms(10))
-    await expect(page.locator("#signin-panel")).to_be_visible()
+    await page.goto(base_url + "/" + (f"#{fragment}" if fragment else ""), timeout=wait_ms(10))
+    await expect(page.locator(shows)).to_be_visible()
     return chat
 
 

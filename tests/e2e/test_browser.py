@@ -7,16 +7,22 @@ keyboard, the buttons) and reads the page through the hooks listed at the top of
 from __future__ import annotations
 
 import asyncio
+import base64
+import json
 import re
 import ssl
 import time
 from collections.abc import AsyncIterator, Callable, Mapping
 from contextlib import asynccontextmanager
 from pathlib import Path
+from typing import Any
 
+import jwt
 import pytest
 from playwright.async_api import Browser, expect
 
+from gateway.auth import mint_token
+from gateway.metrics import ATTEMPT_OUTCOMES
 from tests.e2e.browser import (
     ARTIFACTS_DIR,
     ChatPage,
@@ -46,9 +52,20 @@ class Pages:
         self.opened: list[ChatPage] = []
 
     async def open(
-        self, base_url: str, *, reconnect_options: Mapping[str, float] | None = None
+        self,
+        base_url: str,
+        *,
+        reconnect_options: Mapping[str, float] | None = None,
+        fragment: str = "",
+        shows: str = "#signin-panel",
     ) -> ChatPage:
-        page = await open_chat(self.browser, base_url, reconnect_options=reconnect_options)
+        page = await open_chat(
+            self.browser,
+            base_url,
+            reconnect_options=reconnect_options,
+            fragment=fragment,
+            shows=shows,
+        )
         self.opened.append(page)
         return page
 
@@ -503,3 +520,208 @@ async def test_keyboard_only_use_and_announcements(serve_pages: StartGateway, pa
         await expect(page.get_by_role("status")).to_have_id("notice")
         await bob.close()
         alice.assert_clean()
+
+
+# ---- 8. sign-in links (#token=...) ----
+# A link carrying a token signs in as whoever the token names: sent by someone else, it is a login
+# CSRF (the reader chats in the sender's account, and the sender reads it all). The page must ask.
+
+
+def upgrade_attempts(gw: Gateway) -> float:
+    """Every WebSocket upgrade the gateway has seen, accepted or refused."""
+    registry = gw.services.metrics.registry
+    return sum(
+        registry.get_sample_value("gateway_connection_attempts_total", {"outcome": outcome}) or 0.0
+        for outcome in ATTEMPT_OUTCOMES
+    )
+
+
+async def assert_never_connected(chat: ChatPage, gw: Gateway) -> None:
+    """After giving the page time to misbehave: it opened no WebSocket, and the gateway saw no
+    upgrade and holds no session."""
+    await asyncio.sleep(timeout(1))
+    assert chat.sockets == []
+    assert upgrade_attempts(gw) == 0
+    assert gw.services.sessions == {}
+    await expect(chat.state).to_have_attribute("data-state", "disconnected")
+    assert await chat.states() == ["disconnected"]
+
+
+async def open_link(pages: Pages, gw: Gateway, token: str, *, shows: str) -> ChatPage:
+    chat = await pages.open(gw.base_url, fragment=f"token={token}", shows=shows)
+    # The token leaves the address bar at once, whatever happens next.
+    assert chat.page.url == gw.base_url + "/"
+    assert await chat.page.evaluate("location.hash") == ""
+    return chat
+
+
+async def test_a_sign_in_link_names_who_it_signs_in_as_and_does_not_connect(
+    serve_pages: StartGateway, pages: Pages
+) -> None:
+    async with serve_pages() as gw:
+        victim = await open_link(
+            pages, gw, gw.token("mallory", name="Mallory"), shows="#link-signin-panel"
+        )
+        page = victim.page
+        panel = page.get_by_role("region", name="Sign in with this link?")
+        await expect(panel).to_have_id("link-signin-panel")
+        await expect(panel).to_have_accessible_description(
+            re.compile(r"^This link signs you in as Mallory \(mallory\)\. Only continue if you")
+        )
+        await expect(page.locator("#link-signin-name")).to_have_text("Mallory")
+        await expect(page.locator("#link-signin-sub")).to_have_text("mallory")
+        await expect(panel).to_contain_text("This link signs you in as Mallory (mallory).")
+        await expect(panel).to_contain_text("Only continue if you asked for this link.")
+        continue_button = page.get_by_role("button", name="Continue as Mallory", exact=True)
+        await expect(continue_button).to_have_id("link-signin-continue")
+        await expect(page.get_by_role("button", name="Cancel", exact=True)).to_have_id(
+            "link-signin-cancel"
+        )
+        await expect(page.locator("#link-signin-heading")).to_be_focused()
+        await expect(page.locator("#signin-panel")).to_be_hidden()
+        await expect(page.locator("#chat")).to_be_hidden()
+        await expect(page.locator("#signout")).to_be_hidden()
+        await assert_never_connected(victim, gw)
+        # Enter on what has focus does not accept: only the button does.
+        await page.keyboard.press("Enter")
+        await expect(continue_button).to_be_visible()
+        await assert_never_connected(victim, gw)
+        victim.assert_clean()
+
+
+async def test_b_cancel_discards_the_link_and_shows_the_sign_in_form(
+    serve_pages: StartGateway, pages: Pages
+) -> None:
+    async with serve_pages() as gw:
+        victim = await open_link(
+            pages, gw, gw.token("mallory", name="Mallory"), shows="#link-signin-panel"
+        )
+        page = victim.page
+        await page.get_by_role("button", name="Cancel", exact=True).click()
+        await expect(page.locator("#signin-panel")).to_be_visible()
+        await expect(page.locator("#link-signin-panel")).to_be_hidden()
+        await expect(page.locator("#chat")).to_be_hidden()
+        await expect(page.get_by_label("Display name")).to_be_focused()
+        await assert_never_connected(victim, gw)
+        # Gone for good: a reload shows the plain form, and nothing connects.
+        await page.reload()
+        await expect(page.locator("#signin-panel")).to_be_visible()
+        await expect(page.locator("#link-signin-panel")).to_be_hidden()
+        await assert_never_connected(victim, gw)
+        # The form signs in as the reader, not as the link's user.
+        await victim.sign_in("zoe")
+        assert await victim.user_id() != "mallory"
+        await expect(page.locator("#me")).to_have_text("zoe")
+        victim.assert_clean()
+
+
+async def test_c_continue_signs_in_as_the_links_user(
+    serve_pages: StartGateway, pages: Pages
+) -> None:
+    async with serve_pages() as gw:
+        victim = await open_link(
+            pages, gw, gw.token("mallory", name="Mallory"), shows="#link-signin-panel"
+        )
+        page = victim.page
+        await page.get_by_role("button", name="Continue as Mallory", exact=True).click()
+        await expect(page.locator("#me")).to_have_attribute("data-user-id", "mallory")
+        await expect(page.locator("#me")).to_have_text("Mallory")
+        await victim.wait_in_room("lobby")
+        await expect(victim.state).to_have_text("Connected")
+        await expect(page.locator("#link-signin-panel")).to_be_hidden()
+        await expect(page.locator("#signin-panel")).to_be_hidden()
+        assert await victim.states() == ["disconnected", "connecting", "connected"]
+        assert [s.principal.user_id for s in gw.services.sessions.values()] == ["mallory"]
+        assert len(victim.sockets) == 1
+        await victim.send("hello from the link")
+        assert victim.frames_of("received", "chat")[-1].data["from"] == {
+            "id": "mallory",
+            "name": "Mallory",
+        }
+        victim.assert_clean()
+
+
+def _expired_token(gw: Gateway) -> str:
+    return mint_token(gw.settings, sub="mallory", name="Mallory", now=time.time() - 7200)
+
+
+class _RawUtf8(json.JSONEncoder):
+    """Writes non-ASCII as UTF-8, as many JWT libraries do (PyJWT escapes it by default)."""
+
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(**{**kwargs, "ensure_ascii": False})
+
+
+def _signed(gw: Gateway, claims: dict[str, Any], *, raw_utf8: bool = False) -> str:
+    """A token signed with the gateway's secret, with exactly ``claims``."""
+    secret = gw.settings.jwt_secret
+    assert secret is not None
+    token = jwt.encode(
+        claims, secret.get(), algorithm="HS256", json_encoder=_RawUtf8 if raw_utf8 else None
+    )
+    if raw_utf8:  # what the case is for: bytes over 0x7F in the payload, not \u escapes
+        assert not base64.urlsafe_b64decode(token.split(".")[1] + "==").isascii()
+    return token
+
+
+def _token_without_sub(gw: Gateway) -> str:
+    return _signed(gw, {"name": "Mallory", "exp": int(time.time()) + 3600})
+
+
+@pytest.mark.parametrize(
+    ("make_token", "code", "text"),
+    [
+        (_expired_token, "link-expired", "This sign-in link has expired: ask for a new one."),
+        (
+            lambda gw: "not-a-jwt",
+            "link-invalid",
+            "This sign-in link is not valid: ask for a new one.",
+        ),
+        (_token_without_sub, "link-invalid", "This sign-in link is not valid: ask for a new one."),
+    ],
+    ids=["expired", "malformed", "no-sub"],
+)
+async def test_d_an_expired_or_malformed_link_is_refused_without_connecting(
+    serve_pages: StartGateway,
+    pages: Pages,
+    make_token: Callable[[Gateway], str],
+    code: str,
+    text: str,
+) -> None:
+    async with serve_pages() as gw:
+        victim = await open_link(pages, gw, make_token(gw), shows="#signin-panel")
+        page = victim.page
+        await expect(victim.notice).to_have_attribute("data-code", code)
+        await expect(victim.notice).to_have_text(text)
+        await expect(victim.notice).to_be_visible()
+        await expect(page.locator("#link-signin-panel")).to_be_hidden()
+        await expect(page.locator("#chat")).to_be_hidden()
+        await expect(page.get_by_label("Display name")).to_be_focused()
+        await assert_never_connected(victim, gw)
+        await expect(victim.notice).to_have_attribute("data-code", code)  # it stays
+        victim.assert_clean()
+
+
+@pytest.mark.parametrize("raw_utf8", [True, False], ids=["utf8-payload", "escaped-payload"])
+async def test_e_link_names_render_as_text_in_utf8(
+    serve_pages: StartGateway, pages: Pages, raw_utf8: bool
+) -> None:
+    name = 'Zoë 🦊 <img src=x onerror="window.__pwned=1">'
+    async with serve_pages() as gw:
+        claims = {"sub": "zoë-1", "name": name, "exp": int(time.time()) + 3600}
+        token = _signed(gw, claims, raw_utf8=raw_utf8)
+        victim = await open_link(pages, gw, token, shows="#link-signin-panel")
+        page = victim.page
+        await expect(page.locator("#link-signin-name")).to_have_text(name)
+        await expect(page.locator("#link-signin-sub")).to_have_text("zoë-1")
+        continue_button = page.get_by_role("button", name=f"Continue as {name}", exact=True)
+        await expect(continue_button).to_have_id("link-signin-continue")
+        assert await page.locator("#link-signin-panel *:not(h2, p, bdi, div, button)").count() == 0
+        assert await page.evaluate("typeof window.__pwned") == "undefined"
+        await assert_never_connected(victim, gw)
+        # The page read the name as the server does: the same text comes back in welcome.
+        await continue_button.click()
+        await expect(page.locator("#me")).to_have_attribute("data-user-id", "zoë-1")
+        await expect(page.locator("#me")).to_have_text(name)
+        assert await page.evaluate("typeof window.__pwned") == "undefined"
+        victim.assert_clean()
