@@ -4,7 +4,8 @@
 drains its outbox to the socket, each in its own task, until something ends the connection:
 
 * the session raises :class:`~gateway.errors.ConnectionClosing` (1003, 1008, 1009, 4029);
-* the session's outbox overflows (4008) or the server drains (1001), via ``request_close``;
+* something outside the reader asks, via ``request_close``: the session's outbox overflows
+  (4008), the server drains (1001), control frames over the rate limit (4029);
 * the token expires without a refresh (4001);
 * the client goes away (the ASGI layer cancels us: re-raised, never swallowed);
 * anything unexpected: close 1011, with the detail in the log and never on the wire.
@@ -29,6 +30,7 @@ from quart.asgi import ASGIWebsocketConnection
 
 from gateway.errors import CLOSE_REASONS, CloseCode, ConnectionClosing
 from gateway.hub import RECEIVED_MONOTONIC
+from gateway.hypercorn_fixes import CLOSE_TIMEOUT_SECONDS
 from gateway.session import Session
 
 __all__ = [
@@ -44,8 +46,6 @@ log = logging.getLogger("gateway.connection")
 #: Received frames Quart may hold for us before it stops reading from Hypercorn (which then
 #: stops reading the socket): back-pressure instead of an unbounded queue.
 RECEIVE_QUEUE_FRAMES = 16
-#: How long a close frame may take to leave before we give up on a client that does not read.
-CLOSE_TIMEOUT_SECONDS = 2.0
 #: Where :class:`BoundedWebsocketConnection` leaves the ``websocket.disconnect`` event's code in
 #: the ASGI scope (a namespaced key, as the ASGI specification allows extensions to add).
 CLOSE_CODE_SCOPE_KEY = "gateway.close_code"
@@ -148,20 +148,13 @@ async def run_connection(
         await asyncio.gather(*tasks, return_exceptions=True)
 
     code = session.close_code or CloseCode.INTERNAL_ERROR
+    if session.close_code is not None:
+        _log_closing(session, code, session.close_why or CLOSE_REASONS[code])
     for task in done:
         error = None if task.cancelled() else task.exception()
         if isinstance(error, ConnectionClosing):
             code = error.code
-            log.info(
-                "closing connection",
-                extra={
-                    "conn_id": session.conn_id,
-                    "user_id": session.user_id,
-                    "client": session.client,
-                    "close_code": int(code),
-                    "why": str(error),
-                },
-            )
+            _log_closing(session, code, str(error))
         elif error is not None:
             code = CloseCode.INTERNAL_ERROR
             log.error(
@@ -170,6 +163,8 @@ async def run_connection(
                 extra={"conn_id": session.conn_id, "close_code": int(code)},
             )
     session.request_close(code)
+    # Bounded: a client that does not read cannot take the close frame. The server's WebSocket
+    # layer aborts the TCP connection within the same time (gateway.hypercorn_fixes).
     try:
         async with asyncio.timeout(CLOSE_TIMEOUT_SECONDS):
             await socket.close(int(code), CLOSE_REASONS[code])
@@ -178,3 +173,16 @@ async def run_connection(
     except Exception:  # the peer is gone: nothing more to tell it
         log.debug("close failed", exc_info=True, extra={"conn_id": session.conn_id})
     return code
+
+
+def _log_closing(session: Session, code: CloseCode, why: str) -> None:
+    log.info(
+        "closing connection",
+        extra={
+            "conn_id": session.conn_id,
+            "user_id": session.user_id,
+            "client": session.client,
+            "close_code": int(code),
+            "why": why,
+        },
+    )

@@ -32,9 +32,29 @@
    dropped connection, and a frame refused by the WebSocket layer (1009, 1007) looks the same.
    Here the event carries the code of the close frame that ended the connection (RFC 6455
    section 7.1.5), when the app had not closed it itself.
+9. **A closing connection can live for ever**: closing the transport waits until its buffer
+   is flushed, and a client that does not read never lets it flush; a client that keeps
+   sending after the app ended blocks the reader on the app's full queue. So a client closed
+   with 4008 (too slow), 4001 or 1001 kept its socket, its tasks and megabytes of unsent data.
+   Here, once a WebSocket starts closing (a close frame either way, the app ending), its TCP
+   connection is aborted with a reset if it has not ended within
+   :data:`CLOSE_TIMEOUT_SECONDS` (:data:`SOCKET_CLOSE_TIMEOUT_SECONDS` for any other connection
+   the server closes), input for an app that has ended is dropped, and the transport's write
+   buffer is capped at :data:`WRITE_BUFFER_HIGH_BYTES` (asyncio's TLS default is 512 KiB).
+10. **Control frames and fragments bypass every limit**: Hypercorn answers each Ping itself
+   and an unfinished fragment only extends a buffer, so a flood of them never meets the app.
+   Here each ping, pong and fragment that does not end a message is offered to the app's
+   frame meter (:class:`TransportControl`), which counts it against the connection's rate
+   limit: a ping over the limit is not answered, and repeated abuse stops the reading at once
+   while the app closes the connection. A pong that answers one of our own pings is free.
+11. **HTTP/2 is reachable although ALPN offers only http/1.1**: the HTTP/1.1 protocol switches
+   to HTTP/2 on an ``h2c`` upgrade or the HTTP/2 preface (prior knowledge), and WebSockets then
+   open over HTTP/2 streams (RFC 8441), a second, untested path. Here HTTP/1.1 never switches:
+   an ``h2c`` upgrade is answered as if the header were absent (RFC 7540 section 3.2), and the
+   preface is an HTTP/1.1 request like any other, refused.
 
-:func:`install` points Hypercorn's HTTP/1.1 and HTTP/2 protocols at the fixed stream and its
-asyncio runner at the fixed TCP server; server.py calls it and sets :class:`SafeAccessLogger`.
+:func:`install` points Hypercorn at the fixed HTTP/1.1 protocol, stream and TCP server;
+server.py calls it and sets :class:`SafeAccessLogger`.
 ``pyproject.toml`` pins Hypercorn 0.18.*, and the end-to-end tests (tests/e2e/) prove each fix
 on a real socket, so an upgrade that changes these internals fails loudly.
 """
@@ -44,16 +64,22 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import socket
 import ssl
+import struct
+from collections.abc import Callable
+from contextvars import ContextVar
 from io import BytesIO, StringIO
-from typing import Any
+from typing import Any, cast
 
 import hypercorn.asyncio.run
+import hypercorn.protocol
 import hypercorn.protocol.h2
 import hypercorn.protocol.h11
 from hypercorn.asyncio.tcp_server import TCPServer
 from hypercorn.logging import AccessLogAtoms, Logger
-from hypercorn.protocol.events import Event, Request, StreamClosed
+from hypercorn.protocol.events import Data, Event, Request, StreamClosed
+from hypercorn.protocol.h11 import H11Protocol
 from hypercorn.protocol.ws_stream import (
     ASGIWebsocketState,
     FrameTooLargeError,
@@ -62,17 +88,52 @@ from hypercorn.protocol.ws_stream import (
 )
 from hypercorn.typing import ResponseSummary, WWWScope
 from wsproto.connection import ConnectionState
-from wsproto.events import CloseConnection, Message, Ping, TextMessage
+from wsproto.events import CloseConnection, Message, Ping, Pong, TextMessage
+from wsproto.events import Event as WSProtoEvent
 from wsproto.frame_protocol import CloseReason
 
+from gateway.ratelimit import Verdict
+
 __all__ = [
+    "CLOSE_TIMEOUT_SECONDS",
     "SAFE_ACCESS_ATOMS",
+    "SOCKET_CLOSE_TIMEOUT_SECONDS",
+    "TRANSPORT_EXTENSION",
+    "WRITE_BUFFER_HIGH_BYTES",
     "ByteCountingBuffer",
+    "FrameMeter",
+    "GatewayH11Protocol",
     "GatewayTCPServer",
     "GatewayWSStream",
     "SafeAccessLogger",
+    "TransportControl",
     "install",
 ]
+
+#: From the moment a WebSocket starts closing (a close frame sent or received, or the app
+#: ending) to the abort of its TCP connection if it has not ended by itself: time for the
+#: close frame to reach a client that reads, and the close handshake to finish.
+CLOSE_TIMEOUT_SECONDS = 2.0
+#: The same bound for any other connection the server closes (an HTTP connection at the end
+#: of keep-alive, after an error): longer, so that a slow client still gets a response's end.
+SOCKET_CLOSE_TIMEOUT_SECONDS = 10.0
+#: A connection's transport buffer above which its writers wait (``drain``). With the
+#: outbox's bound, what a connection holds unsent in the process; the kernel's socket buffer
+#: comes on top, and is freed by the abort's reset.
+WRITE_BUFFER_HIGH_BYTES = 64 * 1024
+#: The ASGI scope extension where the app finds its WebSocket's :class:`TransportControl`
+#: (a namespaced key, as the ASGI specification allows servers to add).
+TRANSPORT_EXTENSION = "gateway.transport"
+#: RFC 6455 section 5: a frame that is not the last of its message.
+_FRAGMENT = "fragment"
+
+#: A WebSocket's frame meter: told of each ``ping``, ``pong`` and ``fragment`` frame, it
+#: answers whether to act on it (:class:`~gateway.ratelimit.Verdict`).
+FrameMeter = Callable[[str], Verdict]
+
+#: The TCP connection being served, for the streams it carries (set by
+#: :meth:`GatewayTCPServer.run`; the tasks it spawns inherit it).
+_SERVING: ContextVar[GatewayTCPServer | None] = ContextVar("gateway_serving", default=None)
 
 #: Access-log atoms that hold no credential: address, request line without the query string,
 #: status, sizes, timings. Not the headers, not ``R``/``Uq``/``q`` (query), not environ.
@@ -92,9 +153,31 @@ class ByteCountingBuffer(WebsocketBuffer):
             raise FrameTooLargeError()
 
 
+class TransportControl:
+    """What a WebSocket app may do beyond ASGI: meter the frames the server answers itself.
+
+    Found in the scope, ``scope["extensions"][TRANSPORT_EXTENSION]``, once the app runs.
+
+    Attributes:
+        frame_meter: set by the app; called for every ping, pong and fragment (a frame that
+            does not end its message) the client sends. ``ACCEPT``: handle it; ``REFUSE``: a
+            ping is not answered; ``CLOSE``: the app is closing the connection for abuse, and
+            nothing more is read from it.
+    """
+
+    __slots__ = ("frame_meter",)
+
+    def __init__(self) -> None:
+        self.frame_meter: FrameMeter | None = None
+
+    def meter(self, kind: str) -> Verdict:
+        meter = self.frame_meter
+        return Verdict.ACCEPT if meter is None else meter(kind)
+
+
 class GatewayWSStream(WSStream):
     """See the module docstring: no unrequested deflate, byte caps, 1009 really closes, no
-    lingering after close, the close code reaches the app."""
+    lingering after close, the close code reaches the app, control frames are metered."""
 
     permessage_deflate = False
 
@@ -105,11 +188,56 @@ class GatewayWSStream(WSStream):
         #: The code of the close frame that ended the connection when the app did not close it:
         #: the client's, or ours for a frame the WebSocket layer refused.
         self._close_code: int | None = None
+        self._server = _SERVING.get()
+        self.control = TransportControl()
+        #: False once the frame meter said CLOSE: the client's bytes are dropped unread.
+        self._reading = True
+        #: The queue the app reads its events from, and whether the app has ended.
+        self._app_queue: asyncio.Queue[Any] | None = None
+        self._app_ended = False
+        #: Our pings not answered yet: a pong for one of them is not the client's doing.
+        self._pings_unanswered = 0
+
+    def _closing(self) -> None:
+        """The WebSocket is closing: its TCP connection ends within CLOSE_TIMEOUT_SECONDS."""
+        if self._server is not None:
+            self._server.close_within(CLOSE_TIMEOUT_SECONDS)
+
+    async def _send_wsproto_event(self, event: WSProtoEvent) -> None:
+        if isinstance(event, CloseConnection):
+            self._closing()  # before the write, which waits while the client does not read
+        await super()._send_wsproto_event(event)
+
+    async def app_send(self, message: Any) -> None:
+        if message is None:  # the app has ended: nothing will read its queue any more
+            self._app_ended = True
+            self._closing()
+            self._drop_app_input()
+        await super().app_send(message)
+
+    def _drop_app_input(self) -> None:
+        queue = self._app_queue
+        if queue is not None:
+            while not queue.empty():  # wakes a reader blocked on the full queue
+                queue.get_nowait()
+
+    async def _put_for_app(self, message: dict[str, Any]) -> None:
+        if self._app_ended or self.app_put is None:
+            return
+        await self.app_put(message)
 
     async def handle(self, event: Event) -> None:
+        if isinstance(event, Data) and not self._reading:
+            return
         if isinstance(event, Request) and not self.permessage_deflate:
             headers = [(n, v) for n, v in event.headers if n.lower() != b"sec-websocket-extensions"]
             event = dataclasses.replace(event, headers=headers)
+        if isinstance(event, StreamClosed):
+            self._closing()
+            if self._app_ended:
+                self.closed = True
+                self._ended.set()
+                return
         if (
             isinstance(event, StreamClosed)
             and not self.closed
@@ -122,6 +250,13 @@ class GatewayWSStream(WSStream):
             await self.app_put({"type": "websocket.disconnect", "code": self._close_code})
         else:
             await super().handle(event)
+        if isinstance(event, Request) and self.app_put is not None:
+            # The app looks for it once it has accepted, long after this.
+            extensions = cast(dict[str, Any], self.scope["extensions"])
+            extensions[TRANSPORT_EXTENSION] = self.control
+            queue = getattr(self.app_put, "__self__", None)
+            if isinstance(queue, asyncio.Queue):
+                self._app_queue = queue
         if self.closed:
             self._ended.set()
 
@@ -130,12 +265,14 @@ class GatewayWSStream(WSStream):
         # (and with it the TCP server task) lingers up to GATEWAY_PING_INTERVAL_SECONDS and
         # holds up shutdown: wake as soon as the stream ends.
         while not self.closed:
+            self._pings_unanswered += 1
             await self._send_wsproto_event(Ping())
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._ended.wait(), self.config.websocket_ping_interval)
 
     async def _handle_events(self) -> None:
-        # Hypercorn 0.18's loop, except that an over-cap message ends the stream.
+        # Hypercorn 0.18's loop, except that an over-cap message ends the stream, control frames
+        # and fragments are metered, and an app that has ended gets nothing.
         for event in self.connection.events():
             if isinstance(event, Message):
                 try:
@@ -149,11 +286,22 @@ class GatewayWSStream(WSStream):
                     await self.send(StreamClosed(stream_id=self.stream_id))
                     return
                 if event.message_finished:
-                    assert self.app_put is not None  # set when the upgrade request arrived
-                    await self.app_put(self.buffer.to_message())
+                    await self._put_for_app(self.buffer.to_message())
                     self.buffer.clear()
+                elif event.frame_finished and not self._metered(_FRAGMENT):
+                    return
             elif isinstance(event, Ping):
-                await self._send_wsproto_event(event.response())
+                verdict = self.control.meter("ping")
+                if verdict is Verdict.ACCEPT:
+                    await self._send_wsproto_event(event.response())
+                elif verdict is Verdict.CLOSE:
+                    self._reading = False
+                    return
+            elif isinstance(event, Pong):
+                if self._pings_unanswered:
+                    self._pings_unanswered -= 1
+                elif not self._metered("pong"):
+                    return
             elif isinstance(event, CloseConnection):
                 if self.connection.state == ConnectionState.REMOTE_CLOSING:
                     self._close_code = event.code  # the client closed first
@@ -167,11 +315,77 @@ class GatewayWSStream(WSStream):
                     )
                 await self.send(StreamClosed(stream_id=self.stream_id))
 
+    def _metered(self, kind: str) -> bool:
+        """Offer a frame the app never sees to its meter; False when reading must stop."""
+        if self.control.meter(kind) is Verdict.CLOSE:
+            self._reading = False
+            return False
+        return True
+
+
+class GatewayH11Protocol(H11Protocol):
+    """Hypercorn's HTTP/1.1 protocol, which never switches to HTTP/2."""
+
+    async def _check_protocol(self, event: Any) -> None:
+        # Hypercorn raises here to switch on "Upgrade: h2c" or the "PRI *" preface. Neither:
+        # the upgrade is ignored (RFC 7540 section 3.2), the preface is a request like others.
+        return None
+
 
 class GatewayTCPServer(TCPServer):
-    """Hypercorn's asyncio connection, closing quietly when the TLS peer misbehaves at the end."""
+    """Hypercorn's asyncio connection: a bounded write buffer, an abort when closing takes too
+    long, and a quiet close when the TLS peer misbehaves at the end."""
+
+    _abort_handle: asyncio.TimerHandle | None = None
+    #: The socket, taken while the transport is open (a TLS transport forgets it once closed;
+    #: a closed socket object refuses options, so a reused descriptor is never touched).
+    _socket: Any = None
+
+    async def run(self) -> None:
+        _SERVING.set(self)  # this task's context: the streams and app tasks inherit it
+        self._socket = self.writer.get_extra_info("socket")
+        self.writer.transport.set_write_buffer_limits(high=WRITE_BUFFER_HIGH_BYTES)
+        try:
+            await super().run()
+        finally:
+            if self._abort_handle is not None:
+                self._abort_handle.cancel()
+
+    def close_within(self, seconds: float) -> None:
+        """Abort the connection unless it has ended ``seconds`` from now (or an earlier
+        deadline set before).
+
+        Two clocks: ours aborts the transport while it still holds the socket; the kernel's
+        (``TCP_USER_TIMEOUT``) drops the connection once its unsent data has made no progress
+        for ``seconds``, also after the socket was closed gracefully and the kernel alone
+        still holds data the client does not read.
+        """
+        deadline = self.loop.time() + seconds
+        handle = self._abort_handle
+        if handle is not None:
+            if handle.when() <= deadline:
+                return
+            handle.cancel()
+        self._abort_handle = self.loop.call_at(deadline, self.abort)
+        if hasattr(socket, "TCP_USER_TIMEOUT"):  # Linux
+            self._set_option(
+                socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT, max(1, int(seconds * 1000))
+            )
+
+    def abort(self) -> None:
+        """End the TCP connection now, with a reset: the kernel drops what it still holds for
+        the client instead of keeping the socket until the client reads it."""
+        self._set_option(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        self.writer.transport.abort()
+
+    def _set_option(self, level: int, option: int, value: int | bytes) -> None:
+        if self._socket is not None:
+            with contextlib.suppress(OSError):  # closed already, or not TCP (a Unix socket)
+                self._socket.setsockopt(level, option, value)
 
     async def _close(self) -> None:
+        # Closing waits for the write buffer to flush: not for ever.
+        self.close_within(SOCKET_CLOSE_TIMEOUT_SECONDS)
         # The transport is closed whether or not the peer's close_notify dance was clean.
         with contextlib.suppress(ssl.SSLError):
             await super()._close()
@@ -188,8 +402,10 @@ class SafeAccessLogger(Logger):
 
 
 def install(*, permessage_deflate: bool) -> None:
-    """Make Hypercorn use :class:`GatewayWSStream` and :class:`GatewayTCPServer`."""
+    """Make Hypercorn use :class:`GatewayH11Protocol`, :class:`GatewayWSStream` and
+    :class:`GatewayTCPServer`."""
     GatewayWSStream.permessage_deflate = permessage_deflate
+    hypercorn.protocol.H11Protocol = GatewayH11Protocol  # type: ignore[attr-defined]
     hypercorn.protocol.h11.WSStream = GatewayWSStream  # type: ignore[attr-defined]
     hypercorn.protocol.h2.WSStream = GatewayWSStream  # type: ignore[attr-defined]
     hypercorn.asyncio.run.TCPServer = GatewayTCPServer  # type: ignore[attr-defined]

@@ -40,6 +40,7 @@ from gateway.protocol import CLIENT_TYPES, SERVER_TYPES
 __all__ = [
     "ATTEMPT_OUTCOMES",
     "CLOSE_CODE_LABELS",
+    "CONTROL_FRAME_KINDS",
     "LATENCY_BUCKETS_SECONDS",
     "OTHER",
     "REJECT_REASONS",
@@ -67,8 +68,13 @@ ATTEMPT_OUTCOMES = (
 
 #: ``reason`` of ``gateway_frames_rejected_total``: the step of the frame pipeline that refused
 #: it (docs/protocol.md). size, binary and utf8 close the connection; json, schema and rate cost
-#: an ``error`` reply.
-REJECT_REASONS = ("size", "json", "schema", "rate", "binary", "utf8")
+#: an ``error`` reply; control is a ping, pong or fragment over the rate limit (a ping goes
+#: unanswered).
+REJECT_REASONS = ("size", "json", "schema", "rate", "binary", "utf8", "control")
+
+#: ``kind`` of ``gateway_control_frames_total``: the frames the WebSocket layer handles without
+#: the frame pipeline (a fragment is a frame that does not end its message).
+CONTROL_FRAME_KINDS = ("ping", "pong", "fragment")
 
 #: Close codes with a label value of their own: RFC 6455 section 7.4.1's (those a close frame
 #: may carry, plus 1005 and 1006, which stand for "none" and "dropped") and ours.
@@ -208,6 +214,13 @@ class Metrics:
             registry=r,
         )
         self._rejected = {reason: rejected.labels(reason) for reason in REJECT_REASONS}
+        control = Counter(
+            "gateway_control_frames_total",
+            "Ping, pong and fragment frames received (each takes a rate-limit token), by kind.",
+            ["kind"],
+            registry=r,
+        )
+        self._control = {kind: control.labels(kind) for kind in CONTROL_FRAME_KINDS}
         self.broadcast_latency = Histogram(
             "gateway_broadcast_latency_seconds",
             "From reading a frame to writing the broadcast it caused to each recipient's "
@@ -239,6 +252,10 @@ class Metrics:
     def received(self, kind: str) -> None:
         """Count a valid message of ``kind`` (a client type: decode() admits no other)."""
         self._received[kind].inc()
+
+    def control_frame(self, kind: str) -> None:
+        """Count a frame of ``kind`` (one of :data:`CONTROL_FRAME_KINDS`)."""
+        self._control[kind].inc()
 
     def rejected(self, reason: str) -> None:
         """Count a frame refused for ``reason`` (one of :data:`REJECT_REASONS`)."""

@@ -4,6 +4,8 @@
   strategy, and a connection's bucket never needs sharing, so it is a few lines of our own.
 - :class:`ViolationWindow` counts abuse (invalid frames, rate-limited frames) in a sliding window;
   too many close the connection.
+- :class:`Verdict` is what a connection's limits say of a frame the server handles without the
+  app (a ping, a pong, a fragment): act on it, refuse it, or stop reading (the app closes).
 - :class:`ConnectAttemptLimiter` limits connection attempts per client address through ``limits``
   (moving window), in memory or in Redis so that every instance shares the quota.
 - :class:`ConnectionSlots` caps the connections open in this process, in total and per user.
@@ -19,6 +21,7 @@ import math
 import time
 from collections import deque
 from collections.abc import Callable
+from enum import Enum
 from typing import TYPE_CHECKING
 from urllib.parse import urlsplit
 
@@ -36,6 +39,7 @@ __all__ = [
     "ConnectAttemptLimiter",
     "ConnectionSlots",
     "TokenBucket",
+    "Verdict",
     "ViolationWindow",
     "address_key",
 ]
@@ -46,6 +50,17 @@ Clock = Callable[[], float]
 RETRY_AFTER_SECONDS = 5
 #: How long one call to the shared quota store (Redis) may take before it counts as failed.
 STORAGE_TIMEOUT_SECONDS = 2.0
+
+
+class Verdict(Enum):
+    """A connection's limits on one frame that the app does not handle itself."""
+
+    #: Within the limits: handle it (answer a ping).
+    ACCEPT = "accept"
+    #: Over the rate limit: do not act on it (a ping goes unanswered); a violation was counted.
+    REFUSE = "refuse"
+    #: Repeated abuse: the connection is being closed; read nothing more from it.
+    CLOSE = "close"
 
 
 class TokenBucket:

@@ -10,6 +10,11 @@ size cap -> UTF-8 JSON -> JSON Schema (:func:`gateway.protocol.decode`) -> token
 handler. A rejected frame costs an ``error`` reply; repeated rejections within the abuse window
 close the connection (1008 for invalid messages, 4029 for rate-limit abuse).
 
+The frames the server's WebSocket layer handles without us (pings, pongs, and fragments that do
+not end a message) are offered to :meth:`Session.meter_frame`: each takes a token from the same
+bucket, a frame without one is refused (a ping goes unanswered) and counts as rate-limit abuse,
+so a flood of them ends in 4029 like a flood of messages.
+
 Every refused frame is counted (``gateway_frames_rejected_total``, by the pipeline step that
 refused it). Refusals can come by the thousand, so only a connection's first refused message
 is logged at INFO; the rest are logged at DEBUG, and the close that abuse earns is logged at
@@ -39,7 +44,7 @@ from gateway.hub import Hub
 from gateway.metrics import Metrics
 from gateway.outbox import Outbox, Outgoing
 from gateway.protocol import MAX_CHAT_CHARS, decode, encode
-from gateway.ratelimit import TokenBucket, ViolationWindow
+from gateway.ratelimit import TokenBucket, Verdict, ViolationWindow
 from gateway.rooms import RoomPolicy
 from gateway.settings import Settings
 
@@ -98,13 +103,20 @@ class Session:
         self._broker = broker
         self._verifier = verifier
         self._clock = clock
-        self.outbox = Outbox(settings.send_queue_size, self._on_overflow)
+        self.outbox = Outbox(settings.send_queue_size, settings.send_queue_bytes, self._on_overflow)
         self.joined: set[str] = set()
+        #: Per joined room, a fingerprint of the member list last sent in a ``joined``: a
+        #: repeated join answers ``unchanged`` instead of the same list again.
+        self._members_sent: dict[str, int] = {}
         self._bucket = TokenBucket(settings.rate_per_second, settings.rate_burst, clock=monotonic)
         window = settings.abuse_window_seconds
         self._invalid = ViolationWindow(settings.max_invalid_messages, window, clock=monotonic)
         self._rate_abuse = ViolationWindow(settings.max_rate_violations, window, clock=monotonic)
         self.close_code: CloseCode | None = None
+        #: Why, for the log line of the close (never sent to the client).
+        self.close_why = ""
+        #: Set when the frame meter closes the connection: nothing more is read.
+        self._metered_out = False
         self.close_requested = asyncio.Event()
         #: Set by a refresh: the expiry watcher looks at the new expiry at once.
         self.expiry_changed = asyncio.Event()
@@ -145,15 +157,41 @@ class Session:
         """Serialize and queue a reply to this connection alone."""
         self.deliver(Outgoing(encode(frame), frame["type"]))
 
-    def request_close(self, code: CloseCode) -> None:
-        """Ask the transport to close with ``code`` (the first request wins)."""
+    def request_close(self, code: CloseCode, why: str = "") -> None:
+        """Ask the transport to close with ``code`` (the first request wins); ``why`` is for
+        the log."""
         if self.close_code is None:
             self.close_code = code
+            self.close_why = why
         self.outbox.close()
         self.close_requested.set()
 
     def _on_overflow(self) -> None:
-        self.request_close(CloseCode.TOO_SLOW)
+        self.request_close(CloseCode.TOO_SLOW, "send queue full")
+
+    def meter_frame(self, kind: str) -> Verdict:
+        """Count a frame the WebSocket layer handles itself against this connection's limits.
+
+        Args:
+            kind: ``ping``, ``pong``, or ``fragment`` (a frame that does not end its message).
+
+        Returns:
+            ACCEPT when a token was taken; REFUSE when none was left (a rate-limit violation);
+            CLOSE when this made the violations too many: the connection closes with 4029 and
+            the transport must read no more.
+        """
+        if self._metered_out:
+            return Verdict.CLOSE
+        self.metrics.control_frame(kind)
+        if self._bucket.take() == 0:
+            return Verdict.ACCEPT
+        self.metrics.rejected("control")
+        self._log_refusal(f"{kind}_over_rate")
+        if self._rate_abuse.record():
+            self._metered_out = True
+            self.request_close(CloseCode.RATE_ABUSE, f"{kind} frames over the rate limit")
+            return Verdict.CLOSE
+        return Verdict.REFUSE
 
     # -- the frame pipeline -----------------------------------------------------------------
 
@@ -209,6 +247,16 @@ class Session:
             self._reject(rejection)
 
     def _reject(self, rejection: MessageRejected) -> None:
+        self._log_refusal(str(rejection.code))
+        if rejection.code is ErrorCode.RATE_LIMITED:
+            if self._rate_abuse.record():
+                raise ConnectionClosing(CloseCode.RATE_ABUSE, "rate limit exceeded repeatedly")
+        elif self._invalid.record():
+            raise ConnectionClosing(CloseCode.POLICY_VIOLATION, f"repeated {rejection.code}")
+        self.send(rejection.to_frame())
+
+    def _log_refusal(self, code: str) -> None:
+        """Count a refusal; log the connection's first at INFO, the rest at DEBUG."""
         self.refused += 1
         level = logging.INFO if self.refused == 1 else logging.DEBUG
         if log.isEnabledFor(level):
@@ -219,16 +267,10 @@ class Session:
                     "conn_id": self.conn_id,
                     "user_id": self.user_id,
                     "client": self.client,
-                    "code": str(rejection.code),
+                    "code": code,
                     "refused": self.refused,
                 },
             )
-        if rejection.code is ErrorCode.RATE_LIMITED:
-            if self._rate_abuse.record():
-                raise ConnectionClosing(CloseCode.RATE_ABUSE, "rate limit exceeded repeatedly")
-        elif self._invalid.record():
-            raise ConnectionClosing(CloseCode.POLICY_VIOLATION, f"repeated {rejection.code}")
-        self.send(rejection.to_frame())
 
     async def _dispatch(self, message: Frame) -> None:
         kind = message["type"]
@@ -272,7 +314,8 @@ class Session:
             )
         if room in self.joined:
             members = await self._broker.members(room)
-            self.send(self._joined(room, members, ref))
+            if room in self.joined:  # not left while the broker answered
+                self.send(self._joined(room, members, ref))
             return
         await self._hub.acquire(room)
         try:
@@ -295,8 +338,16 @@ class Session:
             await self._publish_presence(room, "join")
 
     def _joined(self, room: str, members: list[Member], ref: str | None) -> Frame:
-        listing = [{"id": m.id, "name": m.name} for m in members]
-        return self._with_ref({"type": "joined", "room": room, "members": listing}, ref)
+        """The ``joined`` reply: the member list, or ``unchanged`` when this connection was
+        last sent the same one for this room (presence frames have kept it up to date)."""
+        fingerprint = hash(tuple(members))
+        frame: Frame = {"type": "joined", "room": room}
+        if self._members_sent.get(room) == fingerprint:
+            frame["unchanged"] = True
+        else:
+            self._members_sent[room] = fingerprint
+            frame["members"] = [{"id": m.id, "name": m.name} for m in members]
+        return self._with_ref(frame, ref)
 
     async def _leave(self, room: str, ref: str | None) -> None:
         self._require_joined(room, ref)
@@ -305,6 +356,7 @@ class Session:
 
     async def _part(self, room: str) -> None:
         self.joined.discard(room)
+        self._members_sent.pop(room, None)
         self._hub.detach(room, self)
         try:
             last = await self._broker.presence_remove(room, self.user_id, self.conn_id)

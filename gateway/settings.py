@@ -172,6 +172,7 @@ class Settings:
     max_rate_violations: int = 20
     abuse_window_seconds: float = 60.0
     send_queue_size: int = 256
+    send_queue_bytes: int = 1024 * 1024
 
     max_connections: int = 10_000
     max_connections_per_user: int = 10
@@ -381,6 +382,9 @@ def load_settings(env: Mapping[str, str]) -> Settings:
         max_rate_violations=r.integer("GATEWAY_MAX_RATE_VIOLATIONS", 20, 1, 100_000),
         abuse_window_seconds=r.number("GATEWAY_ABUSE_WINDOW_SECONDS", 60.0, 1.0, 86400.0),
         send_queue_size=r.integer("GATEWAY_SEND_QUEUE_SIZE", 256, 1, 1_000_000),
+        send_queue_bytes=r.integer(
+            "GATEWAY_SEND_QUEUE_BYTES", 1024 * 1024, 4096, 1024 * 1024 * 1024
+        ),
         max_connections=r.integer("GATEWAY_MAX_CONNECTIONS", 10_000, 1, 10_000_000),
         max_connections_per_user=r.integer("GATEWAY_MAX_CONNECTIONS_PER_USER", 10, 1, 100_000),
         connect_rate=connect_rate,

@@ -32,6 +32,7 @@ from gateway.broker import Broker
 from gateway.connection import Socket, run_connection, transport_close_code
 from gateway.errors import AuthError, CloseCode, HandshakeRejected
 from gateway.hub import Hub
+from gateway.hypercorn_fixes import TRANSPORT_EXTENSION, TransportControl
 from gateway.metrics import Metrics
 from gateway.protocol import encode
 from gateway.ratelimit import ConnectAttemptLimiter, ConnectionSlots, address_key
@@ -295,6 +296,9 @@ def create_blueprint(services: Services) -> Blueprint:
             services.no_sessions.clear()
             await websocket.accept()
             accepted = True
+            control = (websocket.scope.get("extensions") or {}).get(TRANSPORT_EXTENSION)
+            if isinstance(control, TransportControl):  # pings, pongs, fragments: metered too
+                control.frame_meter = session.meter_frame
             metrics.attempt("accepted")
             metrics.connection_opened()
             log.info(

@@ -422,7 +422,8 @@ function startApp() {
     joined(f) {
       const r = room(f.room);
       r.joined = true;
-      r.members = new Map((Array.isArray(f.members) ? f.members : []).map((u) => [u.id, u]));
+      // A repeated join of a room may answer `unchanged`: the list presence frames kept is current.
+      if (f.unchanged !== true) r.members = new Map((Array.isArray(f.members) ? f.members : []).map((u) => [u.id, u]));
       S.wanted.add(f.room);
       saveRooms();
       for (const [ref, p] of S.pending) {

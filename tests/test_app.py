@@ -677,7 +677,7 @@ async def test_drain_abandons_a_connection_that_outlives_the_grace(
         async with client.websocket("/ws", headers=bearer(token_for("alice"))) as ws:
             await receive_json(ws)
             [session] = services.sessions.values()
-            session.request_close = lambda code: None  # type: ignore[method-assign]
+            session.request_close = lambda code, why="": None  # type: ignore[method-assign]
             async with asyncio.timeout(timeout(5)):
                 await drain(app, clock=fake.clock, sleep=fake.sleep)  # returns: not stuck
             assert services.draining

@@ -32,6 +32,7 @@ from gateway.metrics import (
 )
 from gateway.outbox import Outgoing
 from gateway.protocol import CLIENT_TYPES, SERVER_TYPES, encode
+from gateway.ratelimit import Verdict
 from tests.helpers import timeout
 from tests.test_connection import FakeSocket
 from tests.test_session import NOW_SECONDS, World, send
@@ -209,14 +210,25 @@ async def test_the_session_counts_messages_by_type_and_refusals_by_step() -> Non
     await send(s, raw='{"type":"ping","colour":"red"}')  # schema
     await send(s, type="join", room="secret")  # refused by the handler: not a pipeline step
     await send(s, type="ping")  # the bucket is empty now (join, ping, join): rate
+    assert s.meter_frame("pong") is Verdict.REFUSE  # a control frame without a token: control
+    assert value(metrics, "gateway_control_frames_total", kind="pong") == 1
+    assert value(metrics, "gateway_control_frames_total", kind="ping") == 0
     assert value(metrics, "gateway_messages_received_total", type="join") == 2
     assert value(metrics, "gateway_messages_received_total", type="ping") == 2
     rejected = {
         reason: value(metrics, "gateway_frames_rejected_total", reason=reason)
         for reason in REJECT_REASONS
     }
-    assert rejected == {"size": 0, "json": 1, "schema": 1, "rate": 1, "binary": 0, "utf8": 0}
-    assert s.refused == 4
+    assert rejected == {
+        "size": 0,
+        "json": 1,
+        "schema": 1,
+        "rate": 1,
+        "binary": 0,
+        "utf8": 0,
+        "control": 1,
+    }
+    assert s.refused == 5
 
 
 @pytest.mark.parametrize(

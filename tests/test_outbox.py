@@ -1,4 +1,5 @@
-"""Tests for gateway.outbox: bounded, never blocking, one overflow signal, 4008 for a session."""
+"""Tests for gateway.outbox: bounded in frames and bytes, never blocking, one overflow signal,
+4008 for a session."""
 
 from __future__ import annotations
 
@@ -7,8 +8,10 @@ import asyncio
 import pytest
 
 from gateway.errors import CloseCode
-from gateway.outbox import Outbox, Outgoing
+from gateway.outbox import Outbox, Outgoing, utf8_size
 from tests.test_session import World, drain, send
+
+MANY_BYTES = 1 << 20
 
 
 class Overflows:
@@ -21,7 +24,7 @@ class Overflows:
 
 async def test_frames_come_out_in_order_up_to_the_capacity() -> None:
     overflows = Overflows()
-    outbox = Outbox(3, overflows)
+    outbox = Outbox(3, MANY_BYTES, overflows)
     assert [outbox.put(Outgoing(text)) for text in ("a", "b", "c")] == [True, True, True]
     assert outbox.depth == 3
     assert [(await outbox.get()).text for _ in range(3)] == ["a", "b", "c"]
@@ -31,7 +34,7 @@ async def test_frames_come_out_in_order_up_to_the_capacity() -> None:
 
 async def test_overflow_signals_once_drops_the_queue_and_refuses_later_frames() -> None:
     overflows = Overflows()
-    outbox = Outbox(2, overflows)
+    outbox = Outbox(2, MANY_BYTES, overflows)
     assert outbox.put(Outgoing("a")) and outbox.put(Outgoing("b"))
     assert outbox.put(Outgoing("c")) is False
     assert (overflows.calls, outbox.is_open, outbox.depth) == (1, False, 0)
@@ -47,7 +50,7 @@ async def test_an_overflow_handler_that_puts_again_is_not_reentered() -> None:
     def on_overflow() -> None:
         calls.append(outbox.put(Outgoing("error frame")))  # e.g. a reply queued while closing
 
-    outbox = Outbox(1, on_overflow)
+    outbox = Outbox(1, MANY_BYTES, on_overflow)
     assert outbox.put(Outgoing("a")) is True
     assert outbox.put(Outgoing("b")) is False
     assert (calls, outbox.depth) == ([False], 0)
@@ -55,7 +58,7 @@ async def test_an_overflow_handler_that_puts_again_is_not_reentered() -> None:
 
 async def test_close_drops_queued_frames_and_refuses_later_ones() -> None:
     overflows = Overflows()
-    outbox = Outbox(4, overflows)
+    outbox = Outbox(4, MANY_BYTES, overflows)
     outbox.put(Outgoing("a"))
     outbox.put(Outgoing("b"))
     outbox.close()
@@ -71,7 +74,43 @@ async def test_close_drops_queued_frames_and_refuses_later_ones() -> None:
 @pytest.mark.parametrize("capacity", [0, -1])
 def test_a_capacity_below_one_is_refused(capacity: int) -> None:
     with pytest.raises(ValueError, match="capacity"):  # asyncio.Queue(0) is unbounded
-        Outbox(capacity, Overflows())
+        Outbox(capacity, MANY_BYTES, Overflows())
+
+
+def test_sizes_are_utf8_bytes_measured_once() -> None:
+    assert [utf8_size(t) for t in ("", "abc", "\u00e9", "\U0001f600", "\ud800")] == [0, 3, 2, 4, 3]
+    item = Outgoing('{"message":"\U0001f600\u00e9"}')
+    assert item.size_bytes == len(item.text.encode()) == 20
+    assert item == Outgoing(item.text)  # the size is not part of the identity
+
+
+async def test_bytes_are_bounded_as_well_as_frames() -> None:
+    overflows = Overflows()
+    outbox = Outbox(100, 10, overflows)
+    assert outbox.put(Outgoing("abcd")) and outbox.put(Outgoing("\u00e9\u00e9\u00e9"))  # 4 + 6
+    assert (outbox.depth, outbox.size_bytes, overflows.calls) == (2, 10, 0)
+    assert (await outbox.get()).text == "abcd"
+    assert outbox.size_bytes == 6
+    assert outbox.put(Outgoing("x" * 4)) is True  # 10 again: at the bound, not over it
+    assert outbox.put(Outgoing("y")) is False  # 11: over
+    assert (overflows.calls, outbox.is_open, outbox.depth, outbox.size_bytes) == (1, False, 0, 0)
+
+
+async def test_a_frame_larger_than_the_byte_bound_passes_alone() -> None:
+    overflows = Overflows()
+    outbox = Outbox(100, 10, overflows)
+    assert outbox.put(Outgoing("m" * 50)) is True  # a big member list, nothing else waiting
+    assert outbox.put(Outgoing("a")) is False  # but nothing joins it
+    assert overflows.calls == 1
+    outbox = Outbox(100, 10, Overflows())
+    assert outbox.put(Outgoing("a")) is True
+    assert outbox.put(Outgoing("m" * 50)) is False  # not behind something else
+
+
+@pytest.mark.parametrize("max_bytes", [0, -1])
+def test_a_byte_bound_below_one_is_refused(max_bytes: int) -> None:
+    with pytest.raises(ValueError, match="max_bytes"):
+        Outbox(1, max_bytes, Overflows())
 
 
 async def test_a_session_that_cannot_keep_up_is_closed_4008_and_the_room_goes_on() -> None:

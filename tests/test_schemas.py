@@ -163,6 +163,7 @@ VALID_SERVER: dict[str, list[dict[str, Any]]] = {
     "joined": [
         {"type": "joined", "room": "lobby", "members": [ALICE, BOB], "ref": "j1"},
         {"type": "joined", "room": "lobby", "members": []},
+        {"type": "joined", "room": "lobby", "unchanged": True, "ref": "j2"},
     ],
     "left": [{"type": "left", "room": "lobby", "ref": "l1"}, {"type": "left", "room": "lobby"}],
     "chat": [
@@ -243,6 +244,8 @@ INVALID_SERVER: dict[str, list[dict[str, Any]]] = {
     ],
     "joined": [
         _without(J, "members"),
+        _with(J, unchanged=True),  # one or the other, never both
+        _with(_without(J, "members"), unchanged=False),
         _with(J, members=[ALICE, ALICE]),
         _with(J, members=[{"id": "", "name": "x"}]),
         _with(J, room="lobby\n"),

@@ -19,6 +19,7 @@ from gateway.errors import CloseCode, ConnectionClosing
 from gateway.hub import Hub
 from gateway.metrics import Metrics
 from gateway.protocol import MAX_CHAT_CHARS, validate_server_frame
+from gateway.ratelimit import Verdict
 from gateway.rooms import RoomPolicy
 from gateway.session import Session
 from tests.helpers import make_settings
@@ -326,3 +327,60 @@ async def test_close_leaves_every_room_and_leaks_nothing(world: World) -> None:
         0,
         0,
     )
+
+
+# -- frames the WebSocket layer handles: pings, pongs, fragments --------------------------
+
+
+async def test_control_frames_share_the_message_bucket_and_abuse_closes_4029() -> None:
+    world = await World(
+        {
+            "GATEWAY_RATE_BURST": "3",
+            "GATEWAY_RATE_PER_SECOND": "1",
+            "GATEWAY_MAX_RATE_VIOLATIONS": "2",
+        }
+    ).start()
+    s = await world.session("alice")
+    assert [s.meter_frame(kind) for kind in ("ping", "pong")] == [Verdict.ACCEPT] * 2
+    assert [f["type"] for f in await send(s, type="ping")] == ["pong"]  # the third token
+    assert s.meter_frame("fragment") is Verdict.REFUSE  # none left: a violation
+    assert [f["code"] for f in await send(s, type="ping")] == ["rate_limited"]  # the second
+    world.monotonic_seconds += 1  # one token back
+    assert s.meter_frame("ping") is Verdict.ACCEPT
+    assert not s.close_requested.is_set()
+    assert s.meter_frame("ping") is Verdict.CLOSE  # the third violation: over the limit
+    assert (s.close_code, s.close_why) == (CloseCode.RATE_ABUSE, "ping frames over the rate limit")
+    assert s.close_requested.is_set()
+    world.monotonic_seconds += 100  # tokens again, but the connection is closing for abuse
+    assert s.meter_frame("pong") is Verdict.CLOSE
+
+
+async def test_a_session_closing_for_another_reason_still_meters(world: World) -> None:
+    s = await world.session("alice")
+    s.request_close(CloseCode.GOING_AWAY, "draining")
+    # A client answering the server's pings while the drain closes it is not abusive: its
+    # close reply must still be read.
+    assert s.meter_frame("pong") is Verdict.ACCEPT
+    assert (s.close_code, s.close_why) == (CloseCode.GOING_AWAY, "draining")
+
+
+# -- a repeated join --------------------------------------------------------------------------
+
+
+async def test_a_repeated_join_sends_the_member_list_only_when_it_changed(world: World) -> None:
+    alice, bob = await world.sessions("alice", "bob")
+    assert await send(alice, type="join", room="lobby") == [
+        {"type": "joined", "room": "lobby", "members": [ALICE]}
+    ]
+    for ref in ("1", "2", "3"):  # an unchanged list is not sent again, however often asked
+        assert await send(alice, type="join", room="lobby", ref=ref) == [
+            {"type": "joined", "room": "lobby", "unchanged": True, "ref": ref}
+        ]
+    await send(bob, type="join", room="lobby")
+    assert [f["type"] for f in await drain(alice)] == ["presence"]
+    changed = {"type": "joined", "room": "lobby", "members": [ALICE, BOB], "ref": "4"}
+    assert await send(alice, type="join", room="lobby", ref="4") == [changed]
+    assert (await send(alice, type="join", room="lobby"))[0].get("unchanged") is True
+    # After a leave, a join is a first join again: the whole list.
+    await send(alice, type="leave", room="lobby")
+    assert (await send(alice, type="join", room="lobby"))[0]["members"] == [ALICE, BOB]

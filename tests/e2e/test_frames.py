@@ -3,108 +3,15 @@
 from __future__ import annotations
 
 import asyncio
-import base64
 import json
-import os
-import struct
 
 import pytest
 
 from tests.e2e.conftest import Client, Gateway, StartGateway
+from tests.e2e.rawclient import BINARY, CONTINUATION, TEXT, RawClient, frame
 from tests.helpers import timeout
 
 pytestmark = pytest.mark.e2e
-
-TEXT, BINARY, CONTINUATION, CLOSE, PING, PONG = 0x1, 0x2, 0x0, 0x8, 0x9, 0xA
-
-
-def frame(opcode: int, payload: bytes, *, fin: bool = True) -> bytes:
-    """A masked client frame (RFC 6455 section 5.2)."""
-    head = bytes([(0x80 if fin else 0) | opcode])
-    length = len(payload)
-    if length < 126:
-        head += bytes([0x80 | length])
-    elif length < 1 << 16:
-        head += bytes([0x80 | 126]) + struct.pack("!H", length)
-    else:
-        head += bytes([0x80 | 127]) + struct.pack("!Q", length)
-    mask = os.urandom(4)
-    return head + mask + bytes(b ^ mask[i % 4] for i, b in enumerate(payload))
-
-
-class RawClient:
-    """A WebSocket client written by hand, to send what a well-behaved library never would."""
-
-    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        self.reader = reader
-        self.writer = writer
-
-    @classmethod
-    async def open(cls, gw: Gateway, sub: str = "mallory") -> RawClient:
-        reader, writer = await asyncio.open_connection(
-            "127.0.0.1", gw.port, ssl=gw.client_ssl, server_hostname="localhost"
-        )
-        key = base64.b64encode(os.urandom(16)).decode()
-        writer.write(
-            (
-                f"GET /ws HTTP/1.1\r\nHost: localhost:{gw.port}\r\nUpgrade: websocket\r\n"
-                f"Connection: Upgrade\r\nSec-WebSocket-Key: {key}\r\n"
-                f"Sec-WebSocket-Version: 13\r\nAuthorization: Bearer {gw.token(sub)}\r\n\r\n"
-            ).encode()
-        )
-        async with asyncio.timeout(timeout(5)):
-            head = await reader.readuntil(b"\r\n\r\n")
-        assert head.startswith(b"HTTP/1.1 101"), head
-        client = cls(reader, writer)
-        assert json.loads(await client.read_text())["type"] == "welcome"
-        return client
-
-    async def read_frame(self) -> tuple[int, bytes]:
-        """The next frame that is not a ping or pong (the server pings at once on accept)."""
-        while True:
-            opcode, payload = await self._read_any_frame()
-            if opcode not in (PING, PONG):
-                return opcode, payload
-
-    async def _read_any_frame(self) -> tuple[int, bytes]:
-        async with asyncio.timeout(timeout(5)):
-            first, second = await self.reader.readexactly(2)
-            length = second & 0x7F
-            if length == 126:
-                (length,) = struct.unpack("!H", await self.reader.readexactly(2))
-            elif length == 127:
-                (length,) = struct.unpack("!Q", await self.reader.readexactly(8))
-            return first & 0x0F, await self.reader.readexactly(length)
-
-    async def read_text(self) -> str:
-        opcode, payload = await self.read_frame()
-        assert opcode == TEXT, (opcode, payload)
-        return payload.decode()
-
-    async def read_close(self) -> int:
-        """Skip data frames until the close frame; its code."""
-        while True:
-            opcode, payload = await self.read_frame()
-            if opcode == CLOSE:
-                code: int = struct.unpack("!H", payload[:2])[0]
-                return code
-
-    async def eof_within(self, seconds: float) -> bool:
-        try:
-            async with asyncio.timeout(timeout(seconds)):
-                while await self.reader.read(65536):
-                    pass
-        except TimeoutError:
-            return False
-        except ConnectionError:
-            return True
-        return True
-
-    def send(self, data: bytes) -> None:
-        self.writer.write(data)
-
-    def close(self) -> None:
-        self.writer.close()
 
 
 async def test_message_over_the_cap_closes_1009(start_gateway: StartGateway) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import time
@@ -14,7 +15,7 @@ import pytest
 from websockets.exceptions import InvalidStatus
 
 from tests.e2e.conftest import Gateway, StartGateway
-from tests.helpers import TEST_SECRET
+from tests.helpers import TEST_SECRET, timeout
 
 pytestmark = pytest.mark.e2e
 
@@ -223,3 +224,41 @@ async def test_dev_token_endpoint_is_absent_when_disabled(start_gateway: StartGa
     async with start_gateway(GATEWAY_DEV_TOKEN_ENDPOINT="false") as gw:
         status, _, _ = await asyncio.to_thread(fetch, gw, "/dev/token", b'{"name": "x"}')
         assert status == 404
+
+
+async def raw_exchange(gw: Gateway, request: bytes) -> bytes:
+    """Send ``request`` on a fresh TLS connection; all the server answers until it closes."""
+    reader, writer = await asyncio.open_connection(
+        "127.0.0.1", gw.port, ssl=gw.client_ssl, server_hostname="localhost"
+    )
+    writer.write(request)
+    answer = b""
+    with contextlib.suppress(ConnectionError):
+        async with asyncio.timeout(timeout(5)):
+            while chunk := await reader.read(65536):
+                answer += chunk
+    writer.close()
+    return answer
+
+
+#: The HTTP/2 connection preface (RFC 9113 section 3.4) and an empty SETTINGS frame.
+H2_PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n" + b"\x00\x00\x00\x04\x00\x00\x00\x00\x00"
+
+
+async def test_http2_with_prior_knowledge_is_refused(gateway: Gateway) -> None:
+    # ALPN offers only http/1.1; a client that starts HTTP/2 anyway gets an HTTP/1.1 refusal
+    # and the connection ends: never a SETTINGS frame, never streams (nor WebSockets over them).
+    answer = await raw_exchange(gateway, H2_PREFACE)
+    assert answer.startswith(b"HTTP/1.1 4"), answer[:80]
+    assert b"\x00\x00" not in answer.split(b"\r\n\r\n")[0]
+
+
+async def test_an_h2c_upgrade_is_answered_as_http_1_1(gateway: Gateway) -> None:
+    request = (
+        b"GET /healthz HTTP/1.1\r\nHost: localhost\r\nConnection: Upgrade, HTTP2-Settings\r\n"
+        b"Upgrade: h2c\r\nHTTP2-Settings: AAMAAABkAAQAoAAAAAIAAAAA\r\nConnection: close\r\n\r\n"
+    )
+    answer = await raw_exchange(gateway, request)
+    assert answer.startswith(b"HTTP/1.1 200"), answer[:80]
+    assert b"101" not in answer.split(b"\r\n")[0]
+    assert answer.endswith(b'{"status":"ok"}')

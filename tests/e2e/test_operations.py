@@ -28,7 +28,7 @@ from websockets.exceptions import InvalidStatus
 from gateway.auth import mint_token
 from gateway.settings import load_settings
 from tests.e2e.conftest import Gateway, StartGateway
-from tests.e2e.test_frames import TEXT, RawClient, frame
+from tests.e2e.rawclient import TEXT, RawClient, frame
 from tests.e2e.test_process import connect, gateway_process, receive
 from tests.helpers import timeout
 from tests.processes import free_port

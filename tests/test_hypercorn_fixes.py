@@ -1,0 +1,138 @@
+"""Unit tests of gateway.hypercorn_fixes' WebSocket stream, driven event by event without a
+socket (the end-to-end tests in tests/e2e/ prove each fix on a real one)."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Awaitable, Callable
+from typing import Any, cast
+
+from hypercorn.config import Config
+from hypercorn.protocol.events import Data, Event, Request, StreamClosed
+from wsproto.connection import Connection, ConnectionType
+from wsproto.events import Event as WSEvent
+from wsproto.events import Ping, Pong, TextMessage
+
+from gateway.hypercorn_fixes import TRANSPORT_EXTENSION, GatewayWSStream
+from gateway.ratelimit import Verdict
+from tests.helpers import timeout
+
+UPGRADE_HEADERS = [
+    (b"host", b"localhost"),
+    (b"upgrade", b"websocket"),
+    (b"connection", b"Upgrade"),
+    (b"sec-websocket-key", b"dGhlIHNhbXBsZSBub25jZQ=="),  # RFC 6455 section 1.3's example
+    (b"sec-websocket-version", b"13"),
+]
+
+
+class FakeTaskGroup:
+    """Spawns no app: the test plays it, through the queue the stream fills."""
+
+    def __init__(self, queue_size: int) -> None:
+        self.queue: asyncio.Queue[dict[str, Any]] = asyncio.Queue(queue_size)
+
+    async def spawn_app(
+        self, app: object, config: object, scope: object, send: object
+    ) -> Callable[[dict[str, Any]], Awaitable[None]]:
+        return self.queue.put
+
+    def spawn(self, func: Callable[..., object], *args: object) -> None:
+        raise AssertionError("nothing else is spawned with pings off")
+
+
+class Harness:
+    """A GatewayWSStream past the upgrade, and the client end of its frames."""
+
+    def __init__(self, queue_size: int = 4) -> None:
+        self.sent: list[Event] = []
+        self.tasks = FakeTaskGroup(queue_size)
+        config = Config()
+        config.websocket_ping_interval = None
+        self.stream = GatewayWSStream(
+            None, config, None, self.tasks, False, ("127.0.0.1", 5), None, self.send, 1
+        )
+        self.client = Connection(ConnectionType.CLIENT)
+
+    async def send(self, event: Event) -> None:
+        self.sent.append(event)
+
+    async def open(self) -> None:
+        request = Request(
+            stream_id=1,
+            headers=UPGRADE_HEADERS,
+            http_version="1.1",
+            method="GET",
+            raw_path=b"/ws",
+            state={},  # type: ignore[arg-type]
+        )
+        await self.stream.handle(request)
+        await self.stream.app_send({"type": "websocket.accept"})
+        assert (await self.tasks.queue.get())["type"] == "websocket.connect"
+
+    def frames(self, *events: WSEvent) -> Data:
+        return Data(stream_id=1, data=b"".join(self.client.send(e) for e in events))
+
+    def pongs(self) -> int:
+        """Pong frames the stream wrote (each a Data event of 2 bytes: opcode 0xA, empty)."""
+        return sum(1 for e in self.sent if isinstance(e, Data) and e.data[:1] == b"\x8a")
+
+
+async def test_the_app_finds_the_transport_control_in_the_scope() -> None:
+    h = Harness()
+    await h.open()
+    extensions = cast(dict[str, object], h.stream.scope["extensions"])
+    assert extensions[TRANSPORT_EXTENSION] is h.stream.control
+
+
+async def test_pings_pongs_and_fragments_go_through_the_meter() -> None:
+    h = Harness()
+    await h.open()
+    seen: list[str] = []
+    verdicts = iter([Verdict.ACCEPT, Verdict.REFUSE, Verdict.ACCEPT, Verdict.ACCEPT])
+
+    def meter(kind: str) -> Verdict:
+        seen.append(kind)
+        return next(verdicts)
+
+    h.stream.control.frame_meter = meter
+    await h.stream.handle(h.frames(Ping(b"a"), Ping(b"b"), Pong(b"")))
+    assert (seen, h.pongs()) == (["ping", "ping", "pong"], 1)  # the refused ping: no answer
+    # A message in three frames: two fragments metered, the last one ends it (the app's).
+    parts = [TextMessage("ab", message_finished=False), TextMessage("cd", message_finished=False)]
+    verdicts = iter([Verdict.ACCEPT] * 2)
+    await h.stream.handle(h.frames(*parts, TextMessage("ef")))
+    assert seen[3:] == ["fragment", "fragment"]
+    assert (await h.tasks.queue.get())["text"] == "abcdef"
+
+
+async def test_a_close_verdict_stops_the_reading_at_once() -> None:
+    h = Harness()
+    await h.open()
+    calls: list[str] = []
+
+    def meter(kind: str) -> Verdict:
+        calls.append(kind)
+        return Verdict.CLOSE
+
+    h.stream.control.frame_meter = meter
+    await h.stream.handle(h.frames(*[Ping(b"") for _ in range(1000)]))
+    await h.stream.handle(h.frames(Ping(b""), TextMessage('{"type":"ping"}')))
+    assert (calls, h.pongs(), h.tasks.queue.qsize()) == (["ping"], 0, 0)
+
+
+async def test_input_for_an_app_that_has_ended_never_blocks_the_stream() -> None:
+    # The app stopped reading (it is closing): the client keeps sending until the queue is
+    # full and the stream's reader waits on it. When the app ends, nothing will ever read that
+    # queue: the reader must be let go, and the stream close without waiting on it.
+    h = Harness(queue_size=4)
+    await h.open()
+    messages = [TextMessage(f"m{i}") for i in range(10)]
+    reader = asyncio.create_task(h.stream.handle(h.frames(*messages)))
+    await asyncio.sleep(0.01)
+    assert not reader.done() and h.tasks.queue.full()
+    async with asyncio.timeout(timeout(1)):
+        await h.stream.app_send(None)  # the app has ended
+        await reader
+        await h.stream.handle(StreamClosed(stream_id=1))
+    assert h.stream.closed
