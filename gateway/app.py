@@ -54,7 +54,7 @@ def create_app(settings: Settings) -> Quart:
     app.config["BODY_TIMEOUT"] = 10
 
     metrics = Metrics()
-    broker = create_broker(settings.broker_url)
+    broker = create_broker(settings, metrics)
     services = Services(
         settings=settings,
         verifier=TokenVerifier(settings),

@@ -6,7 +6,8 @@ The tree::
     ├── HandshakeRejected       the upgrade is refused with a real HTTP response
     │   └── AuthError           401 invalid_token, with the reason (never the token)
     ├── MessageRejected         a frame costs an ``error`` reply; the connection stays
-    └── ConnectionClosing       the connection must close with a close code
+    ├── ConnectionClosing       the connection must close with a close code
+    └── BrokerUnavailable       the shared broker (Redis) cannot be reached: retry later
 
 Only the transport edge (web.py) turns these into HTTP responses or close frames; everything
 below it raises them. Anything else that escapes becomes close 1011 with no detail.
@@ -19,6 +20,7 @@ from enum import IntEnum, StrEnum
 __all__ = [
     "CLOSE_REASONS",
     "AuthError",
+    "BrokerUnavailable",
     "CloseCode",
     "ConnectionClosing",
     "ErrorCode",
@@ -68,6 +70,7 @@ class ErrorCode(StrEnum):
     FORBIDDEN_ROOM = "forbidden_room"
     NOT_JOINED = "not_joined"
     RATE_LIMITED = "rate_limited"
+    UNAVAILABLE = "unavailable"
 
 
 class GatewayError(Exception):
@@ -151,3 +154,9 @@ class ConnectionClosing(GatewayError):
         self.code = code
         self.reason = CLOSE_REASONS[code]
         self.log_detail = log_detail
+
+
+class BrokerUnavailable(GatewayError):
+    """The broker cannot do what was asked now (Redis unreachable or too slow): nothing was
+    published or recorded. The message that needed it is refused with a retryable
+    ``unavailable`` error; the connection stays."""

@@ -34,6 +34,7 @@ from prometheus_client import (
 )
 from prometheus_client.metrics_core import GaugeMetricFamily, Metric
 
+from gateway.broker.base import DROP_REASONS
 from gateway.errors import CloseCode
 from gateway.protocol import CLIENT_TYPES, SERVER_TYPES
 
@@ -69,8 +70,8 @@ ATTEMPT_OUTCOMES = (
 #: ``reason`` of ``gateway_frames_rejected_total``: the step of the frame pipeline that refused
 #: it (docs/protocol.md). size, binary and utf8 close the connection; json, schema and rate cost
 #: an ``error`` reply; control is a ping, pong or fragment over the rate limit (a ping goes
-#: unanswered).
-REJECT_REASONS = ("size", "json", "schema", "rate", "binary", "utf8", "control")
+#: unanswered); user_rate is a message over the user's quota across all its connections.
+REJECT_REASONS = ("size", "json", "schema", "rate", "binary", "utf8", "control", "user_rate")
 
 #: ``kind`` of ``gateway_control_frames_total``: the frames the WebSocket layer handles without
 #: the frame pipeline (a fragment is a frame that does not end its message).
@@ -221,6 +222,35 @@ class Metrics:
             registry=r,
         )
         self._control = {kind: control.labels(kind) for kind in CONTROL_FRAME_KINDS}
+        self._broker_published = Counter(
+            "gateway_broker_published_total",
+            "Envelopes this instance published through the broker.",
+            registry=r,
+        )
+        self.broker_publish_seconds = Histogram(
+            "gateway_broker_publish_seconds",
+            "How long publishing one envelope through the broker took.",
+            buckets=LATENCY_BUCKETS_SECONDS,
+            registry=r,
+        )
+        self._broker_received = Counter(
+            "gateway_broker_received_total",
+            "Envelopes that arrived from the broker and were delivered locally.",
+            registry=r,
+        )
+        dropped = Counter(
+            "gateway_broker_dropped_total",
+            "Messages on the broker's channels that were dropped, by reason (forged, tampered, "
+            "replayed, garbage).",
+            ["reason"],
+            registry=r,
+        )
+        self._broker_dropped = {reason: dropped.labels(reason) for reason in DROP_REASONS}
+        self.broker_reconnects = Counter(
+            "gateway_broker_reconnects_total",
+            "Times the broker's connection was lost and made again.",
+            registry=r,
+        )
         self.broadcast_latency = Histogram(
             "gateway_broadcast_latency_seconds",
             "From reading a frame to writing the broadcast it caused to each recipient's "
@@ -260,6 +290,22 @@ class Metrics:
     def rejected(self, reason: str) -> None:
         """Count a frame refused for ``reason`` (one of :data:`REJECT_REASONS`)."""
         self._rejected[reason].inc()
+
+    # -- gateway.broker.BrokerObserver ------------------------------------------------------
+
+    def broker_published(self, seconds: float) -> None:
+        self._broker_published.inc()
+        self.broker_publish_seconds.observe(max(0.0, seconds))
+
+    def broker_received(self) -> None:
+        self._broker_received.inc()
+
+    def broker_dropped(self, reason: str) -> None:
+        """Count a dropped broker message; ``reason`` is one of DROP_REASONS."""
+        self._broker_dropped[reason].inc()
+
+    def broker_reconnected(self) -> None:
+        self.broker_reconnects.inc()
 
     def written(self, kind: str, received_monotonic: float | None, now_monotonic: float) -> None:
         """A frame of ``kind`` was written to a socket at ``now_monotonic``; for a broadcast,

@@ -25,22 +25,24 @@ error code: never the frame, the token or the message.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
 from typing import Any
 
 from gateway.auth import Principal, TokenVerifier
 from gateway.broker import Broker, Envelope, Member
 from gateway.errors import (
     AuthError,
+    BrokerUnavailable,
     CloseCode,
     ConnectionClosing,
     ErrorCode,
     MessageRejected,
 )
-from gateway.hub import Hub
+from gateway.hub import Hub, presence_envelope
 from gateway.metrics import Metrics
 from gateway.outbox import Outbox, Outgoing
 from gateway.protocol import MAX_CHAT_CHARS, decode, encode
@@ -54,6 +56,9 @@ log = logging.getLogger("gateway.session")
 
 Frame = dict[str, Any]
 
+#: ``retry_after_ms`` of an ``unavailable`` error: the broker reconnects within seconds.
+_UNAVAILABLE_RETRY_MS = 2000
+
 #: The ``gateway_frames_rejected_total`` reason of a frame that decode() refuses with a close.
 _REJECT_REASON_OF_CLOSE = {
     CloseCode.UNSUPPORTED_DATA: "binary",
@@ -64,6 +69,35 @@ _REJECT_REASON_OF_CLOSE = {
 
 def _ms(seconds: float) -> int:
     return int(seconds * 1000)
+
+
+#: How the id of a chat frame (built with ``"id": 0``) is written by :func:`encode`.
+_ID_ZERO = '"id":0,'
+
+
+def _to_number(text: str) -> tuple[str, int]:
+    """A chat frame's text without its placeholder id, and where the broker writes the id."""
+    at = text.index(_ID_ZERO) + len(_ID_ZERO) - 2
+    return text[:at] + text[at + 1 :], at
+
+
+def _unavailable(message: str, ref: str | None) -> MessageRejected:
+    return MessageRejected(
+        ErrorCode.UNAVAILABLE, message, ref=ref, retry_after_ms=_UNAVAILABLE_RETRY_MS
+    )
+
+
+async def _finish(coroutine: Coroutine[Any, Any, None]) -> None:
+    """Run ``coroutine`` to its end even if the caller is cancelled meanwhile (the caller
+    still sees the cancellation); a failure after that is logged, not lost."""
+    task = asyncio.ensure_future(coroutine)
+    task.add_done_callback(_log_failure)
+    await asyncio.shield(task)
+
+
+def _log_failure(task: asyncio.Future[None]) -> None:
+    if not task.cancelled() and task.exception() is not None:
+        log.error("leaving a room failed", exc_info=task.exception())
 
 
 class Session:
@@ -317,25 +351,28 @@ class Session:
             if room in self.joined:  # not left while the broker answered
                 self.send(self._joined(room, members, ref))
             return
-        await self._hub.acquire(room)
+        try:
+            await self._hub.acquire(room)
+        except BrokerUnavailable:
+            raise _unavailable("the room cannot be joined just now", ref) from None
         try:
             first = await self._broker.presence_add(room, self.member, self.conn_id)
             members = await self._broker.members(room)
-        except BaseException:
+        except BaseException as error:
             # Failing or cancelled (client gone) after presence_add, the join would leave this
             # connection recorded and the user listed in the room for ever: undo it (removing
-            # an unrecorded connection is harmless). No presence event: none was announced.
-            try:
-                await self._broker.presence_remove(room, self.user_id, self.conn_id)
-            finally:
-                await self._hub.release(room)
+            # an unrecorded connection is harmless), to the end even if cancelled again. No
+            # presence event: none was announced.
+            await _finish(self._depart(room, announce=False))
+            if isinstance(error, BrokerUnavailable):
+                raise _unavailable("the room cannot be joined just now", ref) from None
             raise
         # No await between attach and the reply: `joined` precedes the room's traffic.
         self.joined.add(room)
         self._hub.attach(room, self)
         self.send(self._joined(room, members, ref))
         if first:
-            await self._publish_presence(room, "join")
+            await self._announce(room, "join")
 
     def _joined(self, room: str, members: list[Member], ref: str | None) -> Frame:
         """The ``joined`` reply: the member list, or ``unchanged`` when this connection was
@@ -355,44 +392,66 @@ class Session:
         self.send(self._with_ref({"type": "left", "room": room}, ref))
 
     async def _part(self, room: str) -> None:
+        """Leave ``room`` here at once, and in the broker to the end even if the caller is
+        cancelled (a client gone mid-leave): no presence entry or subscription is left."""
         self.joined.discard(room)
         self._members_sent.pop(room, None)
         self._hub.detach(room, self)
+        await _finish(self._depart(room, announce=True))
+
+    async def _depart(self, room: str, *, announce: bool) -> None:
         try:
             last = await self._broker.presence_remove(room, self.user_id, self.conn_id)
-            if last:
-                await self._publish_presence(room, "leave")
+            if last and announce:
+                await self._announce(room, "leave")
+        except BrokerUnavailable:
+            # The entry expires with this instance's heartbeat (GATEWAY_PRESENCE_TTL_SECONDS),
+            # and whoever removes it then announces the leave.
+            log.warning("presence left to expire", extra={"conn_id": self.conn_id, "room": room})
         finally:
             await self._hub.release(room)
 
-    async def _publish_presence(self, room: str, event: str) -> None:
-        frame = {"type": "presence", "event": event, "room": room, "user": self.user}
-        await self._broker.publish(Envelope(room, encode(frame), skip_user=self.user_id))
+    async def _announce(self, room: str, event: str) -> None:
+        """Tell the room this user entered or left; lost, not raised, when the broker is down
+        (the member list, read at each join, stays right)."""
+        try:
+            await self._broker.publish(presence_envelope(room, event, self.member))
+        except BrokerUnavailable:
+            log.warning("presence not announced", extra={"conn_id": self.conn_id, "room": room})
 
     async def _chat(self, room: str, text: str, ref: str | None) -> None:
         self._require_joined(room, ref)
         frame: Frame = {
             "type": "chat",
-            "id": await self._broker.next_id(room),
+            "id": 0,  # a placeholder: the broker writes the room's next id there
             "room": room,
             "from": self.user,
             "message": text,
             "ts": _ms(self._clock()),
         }
-        envelope = Envelope(room, encode(frame))
+        payload, at = _to_number(encode(frame))
+        envelope = Envelope(room, payload, id_at=at)
         if ref is not None:  # the sender's own copy carries its ref: the acknowledgement
+            echo, echo_at = _to_number(encode({**frame, "ref": ref}))
             envelope = Envelope(
                 room,
-                envelope.payload,
+                payload,
                 echo_conn=self.conn_id,
-                echo_payload=encode({**frame, "ref": ref}),
+                echo_payload=echo,
+                id_at=at,
+                echo_id_at=echo_at,
             )
-        await self._broker.publish(envelope)
+        try:
+            await self._broker.publish_numbered(envelope)
+        except BrokerUnavailable:
+            raise _unavailable("the message was not sent; send it again", ref) from None
 
     async def _typing(self, room: str, typing: bool, ref: str | None) -> None:
         self._require_joined(room, ref)
         frame = {"type": "typing", "room": room, "user": self.user, "typing": typing}
-        await self._broker.publish(Envelope(room, encode(frame), skip_user=self.user_id))
+        # Typing is of the moment: while the broker is down it is dropped, not refused.
+        with contextlib.suppress(BrokerUnavailable):
+            await self._broker.publish(Envelope(room, encode(frame), skip_user=self.user_id))
 
     async def _refresh(self, token: str, ref: str | None) -> None:
         try:
@@ -411,12 +470,18 @@ class Session:
                 ref=ref,
                 pointer="/token",
             )
+        renamed = principal.name != self.principal.name
         self.principal = principal
         self.expiry_changed.set()
         # A new token may grant fewer rooms: leave those it no longer grants.
         for room in sorted(self.joined - self.allowed_rooms):
             await self._part(room)
             self.send({"type": "left", "room": room})
+        if renamed:  # the member lists show the current name: record it, and tell the rooms
+            for room in sorted(self.joined):
+                with contextlib.suppress(BrokerUnavailable):  # the heartbeat records it later
+                    await self._broker.presence_add(room, self.member, self.conn_id)
+                await self._announce(room, "join")
         expires = principal.expires_at
         frame = {"type": "refreshed", "expires_at": _ms(expires) if expires is not None else None}
         self.send(self._with_ref(frame, ref))

@@ -8,6 +8,7 @@ mistake. docs/configuration.md lists every variable read here; keep the two in s
 
 from __future__ import annotations
 
+import hmac
 import ipaddress
 import re
 from collections.abc import Callable, Mapping
@@ -179,6 +180,10 @@ class Settings:
     connect_rate: str = "30/minute"
     ratelimit_storage_url: str = "memory://"
     broker_url: str = "memory://"
+    broker_secret: Secret | None = None
+    redis_ca_file: Path | None = None
+    presence_ttl_seconds: float = 20.0
+    user_message_rate: str = "10/second"
 
     dev_token_endpoint: bool = True
     dev_token_ttl_seconds: int = 3600
@@ -323,7 +328,12 @@ def load_settings(env: Mapping[str, str]) -> Settings:
         except ValueError:
             r.problems.append(f"GATEWAY_TRUSTED_PROXIES: {proxy!r} is not an IP address or network")
 
-    secret = _read_secret(r, production)
+    secret = _read_secret(
+        r,
+        "GATEWAY_JWT_SECRET",
+        "GATEWAY_JWT_SECRET_FILE",
+        default_file=None if production else DEV_SECRET_FILE,
+    )
     public_key_file = r.path("GATEWAY_JWT_PUBLIC_KEY_FILE")
     jwks_url = r.optional("GATEWAY_JWT_JWKS_URL")
     algorithms = r.listing("GATEWAY_JWT_ALGORITHMS", ())
@@ -346,6 +356,12 @@ def load_settings(env: Mapping[str, str]) -> Settings:
     if not _LIMITS_NOTATION.fullmatch(connect_rate):
         r.problems.append(
             f"GATEWAY_CONNECT_RATE={connect_rate!r} is not in limits notation, like 20/minute"
+        )
+    user_message_rate = r.text("GATEWAY_USER_MESSAGE_RATE", "10/second")
+    if not _LIMITS_NOTATION.fullmatch(user_message_rate):
+        r.problems.append(
+            f"GATEWAY_USER_MESSAGE_RATE={user_message_rate!r} is not in limits notation, "
+            "like 10/second"
         )
     storage_url = r.text("GATEWAY_RATELIMIT_STORAGE_URL", "memory://")
     broker_url = r.text("GATEWAY_BROKER_URL", "memory://")
@@ -390,6 +406,10 @@ def load_settings(env: Mapping[str, str]) -> Settings:
         connect_rate=connect_rate,
         ratelimit_storage_url=storage_url,
         broker_url=broker_url,
+        broker_secret=_broker_secret(r, production, secret),
+        redis_ca_file=r.path("GATEWAY_REDIS_CA_FILE"),
+        presence_ttl_seconds=r.number("GATEWAY_PRESENCE_TTL_SECONDS", 20.0, 3.0, 300.0),
+        user_message_rate=user_message_rate,
         dev_token_endpoint=r.boolean("GATEWAY_DEV_TOKEN_ENDPOINT", not production),
         dev_token_ttl_seconds=r.integer("GATEWAY_DEV_TOKEN_TTL_SECONDS", 3600, 5, 86400),
         permessage_deflate=r.boolean("GATEWAY_PERMESSAGE_DEFLATE", False),
@@ -402,6 +422,7 @@ def load_settings(env: Mapping[str, str]) -> Settings:
         shutdown_grace_seconds=r.number("GATEWAY_SHUTDOWN_GRACE_SECONDS", 30.0, 1.0, 86400.0),
     )
     _check_shutdown(r, settings)
+    _check_broker(r, settings)
     if production:
         _check_production(r, settings)
     if r.problems:
@@ -409,20 +430,33 @@ def load_settings(env: Mapping[str, str]) -> Settings:
     return settings
 
 
-def _read_secret(r: _Reader, production: bool) -> Secret | None:
-    value = r.raw("GATEWAY_JWT_SECRET")
-    secret_file = r.path("GATEWAY_JWT_SECRET_FILE", None if production else DEV_SECRET_FILE)
-    if value is not None and r.raw("GATEWAY_JWT_SECRET_FILE") is not None:
-        r.problems.append("set GATEWAY_JWT_SECRET or GATEWAY_JWT_SECRET_FILE, not both")
+def _read_secret(
+    r: _Reader, name: str, file_name: str, default_file: Path | None = None
+) -> Secret | None:
+    """The secret in ``name``, or in the file ``file_name`` names (``default_file`` when unset)."""
+    value = r.raw(name)
+    secret_file = r.path(file_name, default_file)
+    if value is not None and r.raw(file_name) is not None:
+        r.problems.append(f"set {name} or {file_name}, not both")
     if value is None and secret_file is not None:
         try:
             value = secret_file.read_text(encoding="utf-8").strip() or None
         except FileNotFoundError:
-            if r.raw("GATEWAY_JWT_SECRET_FILE") is not None:
-                r.problems.append(f"GATEWAY_JWT_SECRET_FILE: {secret_file} does not exist")
+            if r.raw(file_name) is not None:
+                r.problems.append(f"{file_name}: {secret_file} does not exist")
         except (OSError, UnicodeDecodeError) as exc:
-            r.problems.append(f"GATEWAY_JWT_SECRET_FILE: cannot read {secret_file}: {exc}")
+            r.problems.append(f"{file_name}: cannot read {secret_file}: {exc}")
     return Secret(value) if value is not None else None
+
+
+def _broker_secret(r: _Reader, production: bool, jwt_secret: Secret | None) -> Secret | None:
+    """GATEWAY_BROKER_SECRET(_FILE); in development, derived from the JWT secret when unset,
+    so that instances sharing the development secret share this key too."""
+    secret = _read_secret(r, "GATEWAY_BROKER_SECRET", "GATEWAY_BROKER_SECRET_FILE")
+    if secret is None and not production and jwt_secret is not None:
+        derived = hmac.new(jwt_secret.get().encode(), b"gateway broker envelopes", "sha256")
+        secret = Secret(derived.hexdigest())
+    return secret
 
 
 def _check_keys(
@@ -494,6 +528,22 @@ def _check_shutdown(r: _Reader, s: Settings) -> None:
             f"GATEWAY_METRICS_PORT={s.metrics_port} is GATEWAY_PORT: the metrics need a port "
             "of their own (0 turns them off)"
         )
+
+
+def _check_broker(r: _Reader, s: Settings) -> None:
+    redis = _url_scheme(s.broker_url) in {"redis", "rediss"}
+    if redis and s.broker_secret is None:
+        r.problems.append(
+            "GATEWAY_BROKER_URL is a Redis: set GATEWAY_BROKER_SECRET or "
+            "GATEWAY_BROKER_SECRET_FILE, the key that authenticates messages between instances "
+            "(the same on every instance; python -c 'import secrets; "
+            "print(secrets.token_urlsafe(48))')"
+        )
+    elif redis and s.broker_secret is not None:
+        if len(s.broker_secret.get().encode("utf-8")) < MIN_SECRET_BYTES:
+            r.problems.append(f"GATEWAY_BROKER_SECRET is shorter than {MIN_SECRET_BYTES} bytes")
+    if s.redis_ca_file is not None and not s.redis_ca_file.is_file():
+        r.problems.append(f"GATEWAY_REDIS_CA_FILE: {s.redis_ca_file} does not exist")
 
 
 def _check_production(r: _Reader, s: Settings) -> None:

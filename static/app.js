@@ -85,6 +85,7 @@ export function errorText(frame) {
     forbidden_room: "You are not allowed in that room.",
     not_joined: "You are not in that room: join it first.",
     invalid_json: "The server could not read a message from this page.",
+    unavailable: `The server could not pass that on just now — try again in ${seconds} s`,
   };
   return Object.hasOwn(texts, frame.code) ? texts[frame.code] : detail || "Something went wrong.";
 }

@@ -4,13 +4,16 @@ same bodies run against every backend: add its URL to ``broker_url``'s params.""
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 from collections.abc import AsyncIterator
+from typing import Any
 
 import orjson
 import pytest
 
 from gateway.broker import Broker, Envelope, Member, MemoryBroker, create_broker
+from tests.helpers import make_settings
 
 ALICE = Member("u-alice", "Alice")
 BOB = Member("u-bob", "Bob")
@@ -50,7 +53,7 @@ async def inbox() -> Inbox:
 
 @pytest.fixture
 async def broker(broker_url: str, inbox: Inbox) -> AsyncIterator[Broker]:
-    b = create_broker(broker_url)
+    b = create_broker(make_settings({"GATEWAY_BROKER_URL": broker_url}))
     await b.start(inbox)
     try:
         yield b
@@ -58,25 +61,60 @@ async def broker(broker_url: str, inbox: Inbox) -> AsyncIterator[Broker]:
         await b.close()
 
 
-# --- chat ids ----------------------------------------------------------------------------
+# --- numbered publishing: one order per room ------------------------------------------
 
 
-async def test_ids_count_from_one_per_room(broker: Broker) -> None:
-    assert [await broker.next_id("a") for _ in range(3)] == [1, 2, 3]
-    assert await broker.next_id("b") == 1
-    assert await broker.next_id("a") == 4
+def numbered(room: str, n: int) -> Envelope:
+    """A chat-like envelope whose id the broker writes after ``"id":``."""
+    return Envelope(room, f'{{"id":,"n":{n}}}', id_at=6)
 
 
-async def test_ids_are_unique_under_concurrency(broker: Broker) -> None:
-    ids = await asyncio.gather(*(broker.next_id("race") for _ in range(200)))
-    assert sorted(ids) == list(range(1, 201))
+def ids_of(inbox: Inbox, room: str) -> list[int]:
+    return [orjson.loads(p)["id"] for p in inbox.payloads(room)]
+
+
+async def test_ids_increase_by_one_per_room(broker: Broker, inbox: Inbox) -> None:
+    for room in ("a", "b"):
+        await broker.subscribe(room)
+    first_a = await broker.publish_numbered(numbered("a", 0))
+    assert [await broker.publish_numbered(numbered("a", n)) for n in (1, 2)] == [
+        first_a + 1,
+        first_a + 2,
+    ]
+    first_b = await broker.publish_numbered(numbered("b", 0))
+    assert await broker.publish_numbered(numbered("a", 3)) == first_a + 3
+    await inbox.wait_for(5)
+    assert ids_of(inbox, "a") == [first_a, first_a + 1, first_a + 2, first_a + 3]
+    assert ids_of(inbox, "b") == [first_b]
+
+
+async def test_numbered_envelopes_arrive_in_id_order_under_concurrency(
+    broker: Broker, inbox: Inbox
+) -> None:
+    await broker.subscribe("race")
+    ids = await asyncio.gather(*(broker.publish_numbered(numbered("race", n)) for n in range(200)))
+    assert sorted(ids) == list(range(min(ids), min(ids) + 200))
+    await inbox.wait_for(200)
+    assert ids_of(inbox, "race") == sorted(ids)  # delivered in the order of the ids
 
 
 async def test_ids_do_not_restart_when_the_room_empties(broker: Broker) -> None:
     await broker.presence_add("r", ALICE, "c1")
-    assert await broker.next_id("r") == 1
+    first = await broker.publish_numbered(numbered("r", 0))
     await broker.presence_remove("r", ALICE.id, "c1")
-    assert await broker.next_id("r") == 2
+    assert await broker.publish_numbered(numbered("r", 1)) == first + 1
+
+
+async def test_the_echo_gets_the_same_id(broker: Broker, inbox: Inbox) -> None:
+    await broker.subscribe("r")
+    sent = Envelope(
+        "r", '{"id":}', echo_conn="c1", echo_payload='{"id":,"ref":"x"}', id_at=6, echo_id_at=6
+    )
+    number = await broker.publish_numbered(sent)
+    await inbox.wait_for(1)
+    [got] = inbox.envelopes
+    assert (got.payload, got.echo_payload) == (f'{{"id":{number}}}', f'{{"id":{number},"ref":"x"}}')
+    assert (got.echo_conn, got.id_at, got.echo_id_at) == ("c1", None, None)
 
 
 # --- presence ----------------------------------------------------------------------------
@@ -255,35 +293,28 @@ async def test_memory_failing_deliver_does_not_hit_the_publisher(
     await broker.close()
 
 
-async def test_memory_keeps_the_first_member_record_of_a_user() -> None:
-    broker = MemoryBroker()
-    await broker.start(Inbox())
+async def test_the_member_list_shows_a_users_latest_name(broker: Broker) -> None:
     await broker.presence_add("r", Member("u", "First"), "c1")
     await broker.presence_add("r", Member("u", "Second"), "c2")
-    assert await broker.members("r") == [Member("u", "First")]
-    await broker.close()
+    assert await broker.members("r") == [Member("u", "Second")]
+    await broker.presence_add("r", Member("u", "Renamed"), "c1")  # a refresh on c1
+    assert await broker.members("r") == [Member("u", "Renamed")]
 
 
 # --- create_broker -----------------------------------------------------------------------
 
 
 def test_create_broker_memory() -> None:
-    assert isinstance(create_broker("memory://"), MemoryBroker)
-
-
-@pytest.mark.parametrize("url", ["redis://localhost:6379/0", "rediss://:pw@cache:6380/1"])
-def test_create_broker_redis_is_a_clear_error_for_now(url: str) -> None:
-    with pytest.raises(ValueError, match="redis broker") as info:
-        create_broker(url)
-    assert ":pw@" not in str(info.value)
+    assert isinstance(create_broker(make_settings()), MemoryBroker)
 
 
 @pytest.mark.parametrize(
     "url", ["", "memory", "kafka://k", "http://x", "REDIS+evil://", "amqp://u:secret@h"]
 )
 def test_create_broker_refuses_other_urls(url: str) -> None:
+    settings = dataclasses.replace(make_settings(), broker_url=url)  # past the settings check
     with pytest.raises(ValueError) as info:
-        create_broker(url)
+        create_broker(settings)
     assert "secret" not in str(info.value)
 
 
@@ -294,6 +325,10 @@ def test_create_broker_refuses_other_urls(url: str) -> None:
     "envelope",
     [
         Envelope("r", "{}"),
+        Envelope("r", '{"id":}', id_at=6),
+        Envelope(
+            "r", '{"id":}', echo_conn="c", echo_payload='{"id":,"r":1}', id_at=6, echo_id_at=6
+        ),
         Envelope("room:1", '{"message":"héllo 😀 \\u0000 ☃"}', skip_user="ü"),
         Envelope("r", "x", echo_conn="c1", echo_payload="y"),
         Envelope("r", "x", skip_user="u", echo_conn="c", echo_payload='"\u2028"'),
@@ -325,6 +360,26 @@ def test_envelope_lone_surrogate_is_a_value_error() -> None:
         Envelope("r", "\ud800").to_bytes()
 
 
+@pytest.mark.parametrize(
+    "fields",
+    [
+        {"id_at": -1},
+        {"id_at": 3},  # past the end of "{}"
+        {"echo_id_at": 0},  # without id_at
+        {"id_at": 0, "echo_conn": "c", "echo_payload": "{}"},  # an echo without its position
+        {"id_at": 0, "echo_conn": "c", "echo_payload": "{}", "echo_id_at": 5},
+    ],
+)
+def test_envelope_id_positions_are_checked(fields: dict[str, Any]) -> None:
+    with pytest.raises(ValueError):
+        Envelope("r", "{}", **fields)
+
+
+def test_an_envelope_without_an_id_position_cannot_be_numbered() -> None:
+    with pytest.raises(ValueError):
+        Envelope("r", "{}").numbered(1)
+
+
 def test_envelope_ignores_unknown_fields() -> None:
     data = b'{"room":"r","payload":"p","future":1}'
     assert Envelope.from_bytes(data) == Envelope("r", "p")
@@ -345,6 +400,9 @@ def test_envelope_ignores_unknown_fields() -> None:
         b'{"room":"r","payload":"p","skip_user":5}',
         b'{"room":"r","payload":"p","echo_conn":"c"}',
         b'{"room":"r","payload":"p","echo_payload":["x"]}',
+        b'{"room":"r","payload":"p","id_at":"1"}',
+        b'{"room":"r","payload":"p","id_at":true}',
+        b'{"room":"r","payload":"p","id_at":9}',
         b"\xff\xfe",
         b'{"room":"r","payload":"\xed\xa0\x80"}',
     ],

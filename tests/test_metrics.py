@@ -227,6 +227,7 @@ async def test_the_session_counts_messages_by_type_and_refusals_by_step() -> Non
         "binary": 0,
         "utf8": 0,
         "control": 1,
+        "user_rate": 0,
     }
     assert s.refused == 5
 

@@ -11,24 +11,37 @@ import importlib
 from typing import cast
 from urllib.parse import urlsplit
 
-from gateway.broker.base import Broker, Deliver, Envelope, Member
+from gateway.broker.base import Broker, BrokerObserver, Deliver, Envelope, Member, MemberLeft
 from gateway.broker.memory import MemoryBroker
+from gateway.settings import Settings
 
-__all__ = ["Broker", "Deliver", "Envelope", "Member", "MemoryBroker", "create_broker"]
+__all__ = [
+    "Broker",
+    "BrokerObserver",
+    "Deliver",
+    "Envelope",
+    "Member",
+    "MemberLeft",
+    "MemoryBroker",
+    "create_broker",
+]
 
 _REDIS_MODULE = "gateway.broker.redis"
 
 
-def create_broker(url: str) -> Broker:
-    """The broker for ``url`` (GATEWAY_BROKER_URL).
+def create_broker(settings: Settings, observer: BrokerObserver | None = None) -> Broker:
+    """The broker that ``GATEWAY_BROKER_URL`` names.
 
     Args:
-        url: ``memory://``, or ``redis://host:port/db`` / ``rediss://...``.
+        settings: the URL (``memory://``, or ``redis://host:port/db`` / ``rediss://...``),
+            and for Redis the envelope key, the CA file and the presence TTL.
+        observer: told of publishes, receipts, drops and reconnects (the metrics).
 
     Raises:
         ValueError: on another scheme, or when the Redis broker cannot be loaded. The URL
             itself is never repeated in the message: it may carry a password.
     """
+    url = settings.broker_url
     scheme = urlsplit(url).scheme
     if scheme == "memory":
         return MemoryBroker()
@@ -46,5 +59,5 @@ def create_broker(url: str) -> Broker:
                     "the redis broker needs the redis package: pip install 'gateway[redis]'"
                 ) from None
             raise
-        return cast(Broker, module.RedisBroker(url))
+        return cast(Broker, module.RedisBroker(settings, observer))
     raise ValueError(f"broker URL must be memory:// or redis://, not {scheme or '(none)'}://")

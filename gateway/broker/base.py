@@ -1,19 +1,36 @@
 """The fan-out interface: what the hub and sessions need from a broker, and nothing more.
 
-A broker carries :class:`Envelope` s to every instance subscribed to a room, hands out the
-ordered chat ids of each room, and keeps the room's presence (who is in it, over every
-instance). Nothing above this interface assumes a single process.
+A broker carries :class:`Envelope` s to every instance subscribed to a room, numbers a room's
+chat messages as it publishes them (one order per room, across instances), and keeps the room's
+presence (who is in it, over every instance). Nothing above this interface assumes a single
+process.
 """
 
 from __future__ import annotations
 
 import abc
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from typing import Protocol
 
 import orjson
 
-__all__ = ["Broker", "Deliver", "Envelope", "Member"]
+__all__ = [
+    "DROP_REASONS",
+    "Broker",
+    "BrokerObserver",
+    "Deliver",
+    "Envelope",
+    "Member",
+    "MemberLeft",
+]
+
+#: Why a broker drops a message that arrived on one of its channels (a metric label):
+#: ``malformed`` (not a message of ours at all), ``signature`` (no valid HMAC: forged or
+#: tampered), ``room`` (signed for another room's channel), ``stale`` (too old, or from too far
+#: in the future), ``replayed`` (seen already), ``number`` (a numbered envelope without a valid
+#: id, or an id that does not increase).
+DROP_REASONS = ("malformed", "signature", "room", "stale", "replayed", "number")
 
 
 @dataclass(frozen=True, slots=True)
@@ -25,6 +42,7 @@ class Member:
 
 
 _OPTIONAL_FIELDS = ("skip_user", "echo_conn", "echo_payload")
+_NUMBER_FIELDS = ("id_at", "echo_id_at")
 
 
 @dataclass(frozen=True, slots=True)
@@ -38,9 +56,13 @@ class Envelope:
         echo_conn: this connection gets ``echo_payload`` instead of ``payload`` (the sender's
             own copy, carrying its ``ref``). Set together with ``echo_payload`` or not at all.
         echo_payload: see ``echo_conn``.
+        id_at: for an envelope to be numbered (:meth:`Broker.publish_numbered`), where in
+            ``payload`` the room's id goes (the text has no digits there yet); ``echo_id_at``
+            is the same for ``echo_payload``. :meth:`numbered` fills them in.
 
     Raises:
-        ValueError: when only one of ``echo_conn`` and ``echo_payload`` is set.
+        ValueError: when only one of ``echo_conn`` and ``echo_payload`` is set, or an id
+            position is outside its payload or given without the other.
     """
 
     room: str
@@ -48,10 +70,47 @@ class Envelope:
     skip_user: str | None = None
     echo_conn: str | None = None
     echo_payload: str | None = None
+    id_at: int | None = None
+    echo_id_at: int | None = None
 
     def __post_init__(self) -> None:
         if (self.echo_conn is None) != (self.echo_payload is None):
             raise ValueError("echo_conn and echo_payload go together")
+        if self.id_at is not None and not 0 <= self.id_at <= len(self.payload):
+            raise ValueError("id_at is outside the payload")
+        if self.echo_id_at is not None:
+            if self.id_at is None or self.echo_payload is None:
+                raise ValueError("echo_id_at needs id_at and an echo_payload")
+            if not 0 <= self.echo_id_at <= len(self.echo_payload):
+                raise ValueError("echo_id_at is outside the echo payload")
+        elif self.id_at is not None and self.echo_payload is not None:
+            raise ValueError("a numbered envelope with an echo needs echo_id_at")
+
+    @property
+    def to_number(self) -> bool:
+        """Whether the broker still has to give this envelope its id."""
+        return self.id_at is not None
+
+    def numbered(self, number: int) -> Envelope:
+        """This envelope with ``number`` written where its id goes.
+
+        Raises:
+            ValueError: when it has no place for an id.
+        """
+        if self.id_at is None:
+            raise ValueError("this envelope takes no id")
+        digits = str(number)
+        at, echo_at = self.id_at, self.echo_id_at
+        echo = self.echo_payload
+        if echo is not None and echo_at is not None:
+            echo = echo[:echo_at] + digits + echo[echo_at:]
+        return Envelope(
+            self.room,
+            self.payload[:at] + digits + self.payload[at:],
+            skip_user=self.skip_user,
+            echo_conn=self.echo_conn,
+            echo_payload=echo,
+        )
 
     def to_bytes(self) -> bytes:
         """This envelope as one JSON object (UTF-8), for brokers that cross processes.
@@ -59,8 +118,8 @@ class Envelope:
         Raises:
             ValueError: when a field is not encodable as UTF-8 (a lone surrogate).
         """
-        data: dict[str, str] = {"room": self.room, "payload": self.payload}
-        for name in _OPTIONAL_FIELDS:
+        data: dict[str, str | int] = {"room": self.room, "payload": self.payload}
+        for name in (*_OPTIONAL_FIELDS, *_NUMBER_FIELDS):
             value = getattr(self, name)
             if value is not None:
                 data[name] = value
@@ -91,12 +150,20 @@ class Envelope:
             if value is not None and not isinstance(value, str):
                 raise ValueError(f"envelope field {name} must be a string")
             optional[name] = value
+        numbers: dict[str, int | None] = {}
+        for name in _NUMBER_FIELDS:
+            value = obj.get(name)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int)):
+                raise ValueError(f"envelope field {name} must be an integer")
+            numbers[name] = value
         return cls(
             room,
             payload,
             skip_user=optional["skip_user"],
             echo_conn=optional["echo_conn"],
             echo_payload=optional["echo_payload"],
+            id_at=numbers["id_at"],
+            echo_id_at=numbers["echo_id_at"],
         )
 
 
@@ -104,16 +171,40 @@ class Envelope:
 #: block nor raise: it runs on the broker's delivery path, shared by every connection.
 Deliver = Callable[[Envelope], None]
 
+#: Called when the broker removed a user from a room's presence on behalf of an instance that
+#: is gone (its heartbeat stopped): announce the leave to the room. Called at most once per
+#: user and disappearance, over all instances.
+MemberLeft = Callable[[str, Member], Awaitable[None]]
+
+
+class BrokerObserver(Protocol):
+    """What a broker reports of its work (the gateway's metrics implement it)."""
+
+    def broker_published(self, seconds: float) -> None:
+        """An envelope was published, taking ``seconds``."""
+
+    def broker_received(self) -> None:
+        """An envelope arrived from the broker and was delivered."""
+
+    def broker_dropped(self, reason: str) -> None:
+        """A message on a channel the broker listens to was dropped, for ``reason``."""
+
+    def broker_reconnected(self) -> None:
+        """The broker's connection was lost and made again."""
+
 
 class Broker(abc.ABC):
     """Fan-out, chat ids and presence for rooms, in one process or across many.
 
-    Lifecycle: :meth:`start` once, then any other call, then :meth:`close`.
+    Lifecycle: :meth:`start` once, then any other call, then :meth:`close`. A broker that
+    needs a server (Redis) raises :class:`~gateway.errors.BrokerUnavailable` from a call it
+    cannot do now; nothing was published or recorded then.
     """
 
     @abc.abstractmethod
-    async def start(self, deliver: Deliver) -> None:
-        """Start; from now on envelopes of subscribed rooms go to ``deliver``."""
+    async def start(self, deliver: Deliver, member_left: MemberLeft | None = None) -> None:
+        """Start; from now on envelopes of subscribed rooms go to ``deliver``, and users whose
+        instance died leave through ``member_left``."""
 
     @abc.abstractmethod
     async def close(self) -> None:
@@ -132,12 +223,22 @@ class Broker(abc.ABC):
         """Send ``envelope`` to every instance subscribed to its room, this one included."""
 
     @abc.abstractmethod
-    async def next_id(self, room: str) -> int:
-        """The next chat id of ``room``: 1, 2, 3 ... ordered within the room, across instances."""
+    async def publish_numbered(self, envelope: Envelope) -> int:
+        """Give ``envelope`` its room's next id and publish it, as one step: every instance
+        delivers a room's numbered envelopes in increasing id order, the order of the ids.
+
+        Ids increase by one per message within a room while the broker keeps its state; the
+        first is 1 for a new room in memory, and may be larger (never smaller than an id it
+        gave before) with a shared broker.
+
+        Returns:
+            The id.
+        """
 
     @abc.abstractmethod
     async def presence_add(self, room: str, member: Member, conn_id: str) -> bool:
-        """Record connection ``conn_id`` of ``member`` in ``room``.
+        """Record connection ``conn_id`` of ``member`` in ``room``; the member list shows the
+        latest ``member`` recorded for a user (a refreshed token may rename them).
 
         Returns:
             True when this is the user's first connection in the room (announce a join).

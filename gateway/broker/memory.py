@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import logging
 
-from gateway.broker.base import Broker, Deliver, Envelope, Member
+from gateway.broker.base import Broker, Deliver, Envelope, Member, MemberLeft
 
 __all__ = ["MemoryBroker"]
 
@@ -46,7 +46,8 @@ class MemoryBroker(Broker):
     def subscribed_rooms(self) -> int:
         return len(self._subscribed)
 
-    async def start(self, deliver: Deliver) -> None:
+    async def start(self, deliver: Deliver, member_left: MemberLeft | None = None) -> None:
+        # One process: no other instance can die and leave members behind.
         if self._deliver is not None:
             raise RuntimeError("the broker is already started")
         self._deliver = deliver
@@ -80,18 +81,22 @@ class MemoryBroker(Broker):
         except Exception:
             logger.exception("delivering to room %s failed", envelope.room)
 
-    async def next_id(self, room: str) -> int:
-        value = self._ids.get(room, 0) + 1
-        self._ids[room] = value
-        return value
+    async def publish_numbered(self, envelope: Envelope) -> int:
+        """See :meth:`Broker.publish_numbered`: ids 1, 2, 3 ... per room, for the process's
+        life; taking one and delivering involve no await, so they are one step."""
+        number = self._ids.get(envelope.room, 0) + 1
+        self._ids[envelope.room] = number
+        await self.publish(envelope.numbered(number))
+        return number
 
     async def presence_add(self, room: str, member: Member, conn_id: str) -> bool:
-        """See :meth:`Broker.presence_add`. A user's first recorded ``Member`` is kept."""
+        """See :meth:`Broker.presence_add`."""
         users = self._presence.setdefault(room, {})
         presence = users.get(member.id)
         first = presence is None
         if presence is None:
             presence = users[member.id] = _Presence(member)
+        presence.member = member
         presence.conns.add(conn_id)
         return first
 

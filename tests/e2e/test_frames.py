@@ -7,6 +7,7 @@ import json
 
 import pytest
 
+from gateway.broker import Envelope
 from tests.e2e.conftest import Client, Gateway, StartGateway
 from tests.e2e.rawclient import BINARY, CONTINUATION, TEXT, RawClient, frame
 from tests.helpers import timeout
@@ -131,10 +132,10 @@ async def test_internal_errors_close_1011_without_detail(gateway: Gateway) -> No
     client = await gateway.user("alice")
     await client.join("lobby")
 
-    async def broken(room: str) -> int:
+    async def broken(envelope: Envelope) -> int:
         raise RuntimeError("secret internal detail")
 
-    gateway.services.broker.next_id = broken  # type: ignore[method-assign]
+    gateway.services.broker.publish_numbered = broken  # type: ignore[method-assign]
     await client.send({"type": "chat", "room": "lobby", "message": "hi"})
     assert await client.close_code() == 1011
     assert "secret" not in (client.ws.close_reason or "")

@@ -158,12 +158,13 @@ test("errorText: rate limits say when to try again, rounded up", () => {
 });
 
 test("errorText: every error code has a human text", () => {
-  for (const code of ["invalid_message", "forbidden_room", "not_joined", "invalid_json"]) {
+  for (const code of ["invalid_message", "forbidden_room", "not_joined", "invalid_json", "unavailable"]) {
     const text = errorText({ code, message: "" });
     assert.ok(text.length > 10 && !text.includes(code), `${code}: ${text}`);
   }
   assert.equal(errorText({ code: "invalid_message", message: "message is too long" }),
     "Message not accepted: message is too long");
+  assert.equal(errorText({ code: "unavailable", retry_after_ms: 1500 }).endsWith("try again in 2 s"), true);
   assert.equal(errorText({ code: "brand_new", message: "Server says hi" }), "Server says hi");
   assert.equal(errorText({ code: "__proto__" }), "Something went wrong.");
   assert.equal(errorText({ code: "toString", message: { evil: true } }), "Something went wrong.");
