@@ -1,9 +1,10 @@
 """``create_app(settings)``: the one place that wires the gateway together, in order.
 
-settings -> metrics -> verifier -> room policy -> broker -> hub -> limits -> routes. Pools and
-background connections open in ``before_serving`` and close in ``after_serving``, so tests that
-use ``async with app.test_app()`` and the real server run the same start-up. The metrics are
-made here but served by server.py, so tests through Quart's test client bind no port.
+settings -> metrics -> verifier -> room policy -> broker -> hub -> quota store -> limits -> routes.
+Pools, background connections and heartbeats open in ``before_serving`` and close in
+``after_serving``, so tests that use ``async with app.test_app()`` and the real server run the
+same start-up. The metrics are made here but served by server.py, so tests through Quart's test
+client bind no port.
 
 :func:`drain` is the graceful shutdown: not ready at once, new upgrades refused, and the open
 connections closed with 1001 in batches spread over ``GATEWAY_SHUTDOWN_SPREAD_SECONDS``, so
@@ -27,9 +28,10 @@ from gateway.connection import BoundedWebsocketConnection
 from gateway.errors import CloseCode
 from gateway.hub import Hub
 from gateway.metrics import Metrics
-from gateway.ratelimit import ConnectAttemptLimiter, ConnectionSlots
+from gateway.quotas import ConnectAttemptLimiter, QuotaStore, UserMessageQuota
 from gateway.rooms import RoomPolicy
 from gateway.settings import SHUTDOWN_RESERVE_SECONDS, Settings
+from gateway.slots import ConnectionSlots
 from gateway.web import Services, create_blueprint
 
 __all__ = ["MIN_BATCH_INTERVAL_SECONDS", "SERVICES_KEY", "close_batches", "create_app", "drain"]
@@ -55,14 +57,22 @@ def create_app(settings: Settings) -> Quart:
 
     metrics = Metrics()
     broker = create_broker(settings, metrics)
+    # One store (one Redis pool) for the attempts, the slots and the message quota.
+    store = QuotaStore(settings.ratelimit_storage_url, ca_file=settings.redis_ca_file)
     services = Services(
         settings=settings,
         verifier=TokenVerifier(settings),
         policy=RoomPolicy(settings.open_rooms),
         broker=broker,
         hub=Hub(broker),
-        attempts=ConnectAttemptLimiter(settings.connect_rate, settings.ratelimit_storage_url),
-        slots=ConnectionSlots(settings.max_connections, settings.max_connections_per_user),
+        attempts=ConnectAttemptLimiter(settings.connect_rate, store),
+        slots=ConnectionSlots(
+            settings.max_connections,
+            settings.max_connections_per_user,
+            store=store,
+            ttl_seconds=settings.presence_ttl_seconds,
+        ),
+        quota=UserMessageQuota(settings.user_message_rate, store),
         metrics=metrics,
     )
     sessions = services.sessions
@@ -74,13 +84,15 @@ def create_app(settings: Settings) -> Quart:
     @app.before_serving
     async def start() -> None:
         await services.hub.start()
+        await services.slots.start()
 
     @app.after_serving
     async def stop() -> None:
         # Connections still open leave their rooms through the broker: close them first.
         await drain(app)
         await services.broker.close()
-        await services.attempts.close()
+        await services.slots.close()
+        await store.close()
 
     return app
 

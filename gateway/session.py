@@ -46,6 +46,7 @@ from gateway.hub import Hub, presence_envelope
 from gateway.metrics import Metrics
 from gateway.outbox import Outbox, Outgoing
 from gateway.protocol import MAX_CHAT_CHARS, decode, encode
+from gateway.quotas import UserMessageQuota
 from gateway.ratelimit import TokenBucket, Verdict, ViolationWindow
 from gateway.rooms import RoomPolicy
 from gateway.settings import Settings
@@ -108,6 +109,8 @@ class Session:
         principal: who the token says the client is.
         client: the client's address, for the logs.
         metrics: where frames received and refused are counted.
+        quota: the user's messages over all its connections, hit by each message the token
+            bucket admits.
         clock: wall-clock time (timestamps, token expiry).
         monotonic: the token bucket's and the abuse windows' clock.
     """
@@ -124,6 +127,7 @@ class Session:
         broker: Broker,
         verifier: TokenVerifier,
         metrics: Metrics,
+        quota: UserMessageQuota,
         clock: Callable[[], float] = time.time,
         monotonic: Callable[[], float] = time.monotonic,
     ) -> None:
@@ -136,6 +140,7 @@ class Session:
         self._hub = hub
         self._broker = broker
         self._verifier = verifier
+        self._quota = quota
         self._clock = clock
         self.outbox = Outbox(settings.send_queue_size, settings.send_queue_bytes, self._on_overflow)
         self.joined: set[str] = set()
@@ -268,11 +273,15 @@ class Session:
         self.metrics.received(message["type"])
         try:
             wait_seconds = self._bucket.take()
+            reason, why = "rate", "too many messages; slow down"
+            if wait_seconds == 0:  # this connection may send it: may its user, over all of them?
+                wait_seconds = await self._quota.hit(self.user_id)
+                reason, why = "user_rate", "too many messages from this user; slow down"
             if wait_seconds > 0:
-                self.metrics.rejected("rate")
+                self.metrics.rejected(reason)
                 raise MessageRejected(
                     ErrorCode.RATE_LIMITED,
-                    "too many messages; slow down",
+                    why,
                     ref=message.get("ref"),
                     retry_after_ms=max(1, math.ceil(wait_seconds * 1000)),
                 )

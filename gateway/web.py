@@ -2,8 +2,9 @@
 
 This is the only module (with app.py and server.py) that knows Quart. The upgrade is refused
 with a real HTTP response, before ``accept()``, in this order: origin (403), connection attempts
-per address (429), credentials (401), capacity (503) and open connections per user (429). The
-origin comes first so that a page on another site cannot spend a visitor's attempts.
+per address (429), credentials (401), capacity (503) and open connections per user (429, over
+every instance sharing a Redis store). The origin comes first so that a page on another site
+cannot spend a visitor's attempts; a quota store that fails refuses with 503 ``unavailable``.
 Every attempt is counted by outcome, and every accepted connection by its close code.
 
 Probes, without a token: ``GET /healthz`` answers 200 while the process lives (liveness);
@@ -35,10 +36,11 @@ from gateway.hub import Hub
 from gateway.hypercorn_fixes import TRANSPORT_EXTENSION, TransportControl
 from gateway.metrics import Metrics
 from gateway.protocol import encode
-from gateway.ratelimit import ConnectAttemptLimiter, ConnectionSlots, address_key
+from gateway.quotas import ConnectAttemptLimiter, UserMessageQuota, address_key
 from gateway.rooms import RoomPolicy
 from gateway.session import Session
 from gateway.settings import Settings
+from gateway.slots import ConnectionSlots, Slot
 
 __all__ = ["READY_TIMEOUT_SECONDS", "STATIC_DIR", "Services", "client_address", "create_blueprint"]
 
@@ -101,6 +103,8 @@ class Services:
     hub: Hub
     attempts: ConnectAttemptLimiter
     slots: ConnectionSlots
+    #: Messages per user over all its connections (each session hits it).
+    quota: UserMessageQuota
     metrics: Metrics
     sessions: dict[str, Session] = field(default_factory=dict)
     #: Set while no connection is open (shutdown waits on it).
@@ -267,7 +271,7 @@ def create_blueprint(services: Services) -> Blueprint:
         )
         metrics = services.metrics
         try:
-            principal = await _check_upgrade(services, address)
+            principal, slot = await _check_upgrade(services, address)
         except HandshakeRejected as rejection:
             reason = rejection.reason if isinstance(rejection, AuthError) else rejection.error
             metrics.attempt(_ATTEMPT_OUTCOMES.get(rejection.error, "unavailable"))
@@ -287,6 +291,7 @@ def create_blueprint(services: Services) -> Blueprint:
             broker=services.broker,
             verifier=services.verifier,
             metrics=metrics,
+            quota=services.quota,
         )
         started = time.monotonic()
         code: int | None = None
@@ -311,7 +316,6 @@ def create_blueprint(services: Services) -> Blueprint:
             services.sessions.pop(conn_id, None)
             if not services.sessions:
                 services.no_sessions.set()
-            services.slots.release(principal.user_id)
             if code is None:  # the client (or the WebSocket layer) closed first, or it dropped
                 code = transport_close_code(websocket.scope)
                 code = _DROPPED if code is None else code
@@ -330,7 +334,8 @@ def create_blueprint(services: Services) -> Blueprint:
                     "duration_seconds": round(time.monotonic() - started, 3),
                 },
             )
-            await asyncio.shield(_leave_all(session))
+            # Shielded: a cancelled handler still gives its slot back and leaves its rooms.
+            await asyncio.shield(_end(services, session, slot))
         return None
 
     return bp
@@ -366,6 +371,12 @@ async def _check_broker(broker: Broker) -> bool:
     return False
 
 
+async def _end(services: Services, session: Session, slot: Slot) -> None:
+    """Give the connection's slot back, then leave its rooms; neither raises."""
+    await services.slots.release(slot)
+    await _leave_all(session)
+
+
 async def _leave_all(session: Session) -> None:
     try:
         await session.close()
@@ -379,8 +390,12 @@ def _shutting_down() -> HandshakeRejected:
     )
 
 
-async def _check_upgrade(services: Services, address: str) -> Principal:
-    """Every check before the upgrade, cheapest first; raises :class:`HandshakeRejected`."""
+async def _check_upgrade(services: Services, address: str) -> tuple[Principal, Slot]:
+    """Every check before the upgrade, cheapest first; raises :class:`HandshakeRejected`.
+
+    Returns:
+        Who connects, and the slot taken for the connection (the caller gives it back).
+    """
     settings = services.settings
     if services.draining:
         raise _shutting_down()
@@ -396,7 +411,10 @@ async def _check_upgrade(services: Services, address: str) -> Principal:
         )
     token = extract_token(websocket.headers.get("Authorization"), websocket.query_string)
     principal = await services.verifier.verify(token)
-    if services.draining:  # shutdown began while the token was verified; nothing awaits below
+    if services.draining:  # shutdown began while the token was verified
         raise _shutting_down()
-    services.slots.acquire(principal.user_id)
-    return principal
+    slot = await services.slots.acquire(principal.user_id)
+    if services.draining:  # or while the slot was taken (a Redis round trip): give it back
+        await asyncio.shield(services.slots.release(slot))
+        raise _shutting_down()
+    return principal, slot

@@ -1,5 +1,5 @@
 """A real ``redis-server`` for the tests: started on a free loopback port, without persistence,
-optionally with a password; stopped, restarted (empty, as after a restart without
+optionally with a password or TLS; stopped, restarted (empty, as after a restart without
 persistence) or killed by the test. Never left behind.
 
 Tests that need one take the ``redis_server`` fixture (tests/conftest.py). Where
@@ -13,6 +13,7 @@ import asyncio
 import os
 import shutil
 import signal
+import ssl
 from pathlib import Path
 
 import pytest
@@ -20,7 +21,7 @@ import pytest
 from tests.helpers import timeout
 from tests.processes import free_port
 
-__all__ = ["RedisServer", "require_redis_server"]
+__all__ = ["RedisServer", "require_redis_server", "tls_files"]
 
 #: Where Debian's package puts it; PATH is searched first.
 _DEBIAN_PATH = Path("/usr/bin/redis-server")
@@ -42,26 +43,46 @@ def require_redis_server() -> str:
     return found
 
 
+def tls_files(folder: Path) -> tuple[tuple[Path, Path], Path]:
+    """A certificate and key for 127.0.0.1 (for ``RedisServer(tls=...)``), and the file of
+    the CA that issued them, made by trustme in ``folder``."""
+    import trustme
+
+    ca = trustme.CA()
+    issued = ca.issue_cert("127.0.0.1")
+    cert, key, ca_file = folder / "redis.pem", folder / "redis.key", folder / "ca.pem"
+    issued.cert_chain_pems[0].write_to_path(str(cert))
+    issued.private_key_pem.write_to_path(str(key))
+    ca.cert_pem.write_to_path(str(ca_file))
+    return (cert, key), ca_file
+
+
 class RedisServer:
     """One redis-server process on 127.0.0.1.
 
     Args:
         workdir: its working directory (nothing is written there: no RDB, no AOF).
         password: ``requirepass``, when given.
+        tls: a certificate and key file: then it speaks TLS only (``rediss://``), and asks
+            clients for no certificate.
     """
 
-    def __init__(self, workdir: Path, password: str | None = None) -> None:
+    def __init__(
+        self, workdir: Path, password: str | None = None, tls: tuple[Path, Path] | None = None
+    ) -> None:
         self.executable = require_redis_server()
         self.workdir = workdir
         self.password = password
+        self.tls = tls
         self.port = free_port()
         self.process: asyncio.subprocess.Process | None = None
 
     @property
     def url(self) -> str:
-        """``redis://[:password@]127.0.0.1:port/0``."""
+        """``redis[s]://[:password@]127.0.0.1:port/0``."""
         auth = f":{self.password}@" if self.password else ""
-        return f"redis://{auth}127.0.0.1:{self.port}/0"
+        scheme = "rediss" if self.tls else "redis"
+        return f"{scheme}://{auth}127.0.0.1:{self.port}/0"
 
     def url_for(self, db: int) -> str:
         return self.url.removesuffix("/0") + f"/{db}"
@@ -69,10 +90,15 @@ class RedisServer:
     async def start(self) -> None:
         """Start it (again, on the same port, empty) and wait until it answers PING."""
         assert self.process is None, "already running"
+        listen = ["--port", str(self.port)]
+        if self.tls:
+            cert, key = self.tls
+            listen = ["--port", "0", "--tls-port", str(self.port)]
+            listen += ["--tls-cert-file", str(cert), "--tls-key-file", str(key)]
+            listen += ["--tls-auth-clients", "no"]
         args = [
             self.executable,
-            "--port",
-            str(self.port),
+            *listen,
             "--bind",
             "127.0.0.1",
             "--save",
@@ -110,8 +136,13 @@ class RedisServer:
 
     async def ping(self) -> bool:
         """Whether it answers PING right now (a raw RESP exchange, no client library)."""
+        context = None
+        if self.tls:  # whether it answers, not whom: no verification
+            context = ssl.create_default_context()
+            context.check_hostname = False
+            context.verify_mode = ssl.CERT_NONE
         try:
-            reader, writer = await asyncio.open_connection("127.0.0.1", self.port)
+            reader, writer = await asyncio.open_connection("127.0.0.1", self.port, ssl=context)
         except OSError:
             return False
         try:

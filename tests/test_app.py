@@ -33,6 +33,7 @@ from gateway.errors import CloseCode
 from gateway.protocol import validate_server_frame
 from gateway.session import Session
 from gateway.settings import Settings
+from gateway.slots import Slot
 from gateway.web import SECURITY_HEADERS, Services
 from tests.helpers import TEST_SECRET, make_settings, timeout
 
@@ -444,6 +445,31 @@ async def test_an_upgrade_verified_during_drain_is_refused() -> None:
             response = await attempt
         assert response.status_code == 503
         assert services.slots.total == 0
+        assert services.sessions == {}
+
+
+async def test_an_upgrade_whose_slot_is_taken_while_the_drain_begins_is_refused() -> None:
+    async with running() as (app, client):
+        services = services_of(app)
+        taken, go_on = asyncio.Event(), asyncio.Event()
+        acquire = services.slots.acquire
+
+        async def slow_acquire(user_id: str) -> Slot:  # as over a slow Redis
+            slot = await acquire(user_id)
+            taken.set()
+            await go_on.wait()
+            return slot
+
+        services.slots.acquire = slow_acquire  # type: ignore[method-assign]
+        attempt = asyncio.create_task(rejection(client, headers=bearer(token_for("alice"))))
+        async with asyncio.timeout(timeout(5)):
+            await taken.wait()
+            await drain(app)
+            go_on.set()
+            response = await attempt
+        assert response.status_code == 503
+        assert (await error_body(response))["error"] == "shutting_down"
+        assert services.slots.total == 0  # given back
         assert services.sessions == {}
 
 

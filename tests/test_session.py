@@ -6,6 +6,8 @@ and test_connection.py. Every frame a session queues is checked against its serv
 
 from __future__ import annotations
 
+import asyncio
+import logging
 from collections.abc import Iterable, Mapping
 from typing import Any
 
@@ -19,10 +21,11 @@ from gateway.errors import CloseCode, ConnectionClosing
 from gateway.hub import Hub
 from gateway.metrics import Metrics
 from gateway.protocol import MAX_CHAT_CHARS, validate_server_frame
+from gateway.quotas import QuotaStore, UserMessageQuota
 from gateway.ratelimit import Verdict
 from gateway.rooms import RoomPolicy
 from gateway.session import Session
-from tests.helpers import make_settings
+from tests.helpers import make_settings, timeout
 
 __all__ = ["ALICE", "BOB", "NOW_MS", "NOW_SECONDS", "Frame", "World", "drain", "send"]
 
@@ -34,12 +37,26 @@ BOB = {"id": "bob", "name": "Bob"}
 
 
 class World:
-    """One process's shared parts (broker, hub, policy, verifier) and two fake clocks."""
+    """One process's shared parts (broker, hub, policy, verifier, the users' message quota in
+    memory unless given) and two fake clocks.
+
+    The quota counts on ``limits``' own clock, not the fake ones, so a world opens it wide
+    unless ``overrides`` set ``GATEWAY_USER_MESSAGE_RATE``.
+    """
 
     def __init__(
-        self, overrides: Mapping[str, str] | None = None, broker: MemoryBroker | None = None
+        self,
+        overrides: Mapping[str, str] | None = None,
+        broker: MemoryBroker | None = None,
+        quota: UserMessageQuota | None = None,
     ) -> None:
-        self.settings = make_settings({"GATEWAY_OPEN_ROOMS": "lobby", **(overrides or {})})
+        self.settings = make_settings(
+            {
+                "GATEWAY_OPEN_ROOMS": "lobby",
+                "GATEWAY_USER_MESSAGE_RATE": "1000000/second",
+                **(overrides or {}),
+            }
+        )
         self.broker = broker or MemoryBroker()
         self.hub = Hub(self.broker)
         self.policy = RoomPolicy(self.settings.open_rooms)
@@ -47,6 +64,9 @@ class World:
         self.monotonic_seconds = 0.0
         self.verifier = TokenVerifier(self.settings, clock=lambda: self.wall_seconds)
         self.metrics = Metrics(process=False)
+        self.quota = quota or UserMessageQuota(
+            self.settings.user_message_rate, QuotaStore("memory://")
+        )
         self._count = 0
 
     async def start(self) -> World:
@@ -75,6 +95,7 @@ class World:
             broker=self.broker,
             verifier=self.verifier,
             metrics=self.metrics,
+            quota=self.quota,
             clock=lambda: self.wall_seconds,
             monotonic=lambda: self.monotonic_seconds,
         )
@@ -240,6 +261,72 @@ async def test_repeated_rate_limiting_closes_4029_and_is_not_counted_as_invalid(
     with pytest.raises(ConnectionClosing) as caught:
         await s.handle_frame('{"type":"ping"}')
     assert caught.value.code is CloseCode.RATE_ABUSE
+
+
+def rejected(world: World, reason: str) -> float:
+    found = world.metrics.registry.get_sample_value(
+        "gateway_frames_rejected_total", {"reason": reason}
+    )
+    assert found is not None
+    return found
+
+
+async def test_the_user_quota_holds_over_all_its_connections_and_counts_as_rate_abuse() -> None:
+    overrides = {"GATEWAY_USER_MESSAGE_RATE": "3/minute", "GATEWAY_MAX_RATE_VIOLATIONS": "2"}
+    world = await World(overrides).start()
+    tab, other_tab, bob = await world.sessions("alice", "alice", "bob")
+    assert [f["type"] for f in await send(tab, type="ping")] == ["pong"]
+    for _ in range(2):
+        assert [f["type"] for f in await send(other_tab, type="ping")] == ["pong"]
+    # Each connection's own bucket is far from empty; the user's quota is spent.
+    [error] = await send(tab, type="join", room="lobby", ref="r")
+    assert (error["type"], error["code"], error["ref"]) == ("error", "rate_limited", "r")
+    assert 1 <= error["retry_after_ms"] <= 60_000
+    assert "user" in error["message"]
+    assert tab.joined == set()  # the handler never ran
+    assert (rejected(world, "user_rate"), rejected(world, "rate")) == (1, 0)
+    assert [f["type"] for f in await send(bob, type="ping")] == ["pong"]  # his own quota
+    # The same abuse window as the bucket's refusals: one more, and one too many.
+    assert [f["code"] for f in await send(tab, type="ping")] == ["rate_limited"]
+    with pytest.raises(ConnectionClosing) as caught:
+        await tab.handle_frame('{"type":"ping"}')
+    assert caught.value.code is CloseCode.RATE_ABUSE
+    assert rejected(world, "user_rate") == 3
+
+
+async def test_a_message_the_bucket_refuses_does_not_spend_the_user_quota() -> None:
+    overrides = {
+        "GATEWAY_RATE_PER_SECOND": "1",
+        "GATEWAY_RATE_BURST": "1",
+        "GATEWAY_USER_MESSAGE_RATE": "2/minute",
+    }
+    world = await World(overrides).start()
+    tab, other_tab = await world.sessions("alice", "alice")
+    assert [f["type"] for f in await send(tab, type="ping")] == ["pong"]
+    for _ in range(3):
+        assert [f["code"] for f in await send(tab, type="ping")] == ["rate_limited"]
+    assert (rejected(world, "rate"), rejected(world, "user_rate")) == (3, 0)
+    assert [f["type"] for f in await send(other_tab, type="ping")] == ["pong"]  # one left
+
+
+async def test_a_quota_store_down_lets_messages_through_under_the_bucket(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    caplog.set_level(logging.WARNING, logger="gateway.quotas")
+    store = QuotaStore("redis://127.0.0.1:1/0")  # nothing listens: refused at once
+    overrides = {"GATEWAY_RATE_PER_SECOND": "1", "GATEWAY_RATE_BURST": "3"}
+    world = await World(overrides, quota=UserMessageQuota("1/minute", store)).start()
+    try:
+        s = await world.session("alice")
+        async with asyncio.timeout(timeout(5)):
+            for _ in range(3):  # over the user quota, which cannot be counted: through
+                assert [f["type"] for f in await send(s, type="ping")] == ["pong"]
+            assert [f["code"] for f in await send(s, type="ping")] == ["rate_limited"]
+    finally:
+        await store.close()
+    assert (rejected(world, "rate"), rejected(world, "user_rate")) == (1, 0)
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert warnings == ["user message quota not enforced: the quota store is unavailable"]
 
 
 @pytest.mark.parametrize("data", [b'{"type":"ping"}', b"", None])

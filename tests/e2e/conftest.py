@@ -146,7 +146,11 @@ StartGateway = Callable[..., contextlib.AbstractAsyncContextManager[Gateway]]
 
 @pytest.fixture
 def start_gateway(tls_files: tuple[Path, Path], client_ssl: ssl.SSLContext) -> StartGateway:
-    """``async with start_gateway(GATEWAY_X="...") as gw``: a real server for the block."""
+    """``async with start_gateway(GATEWAY_X="...") as gw``: a real server for the block.
+
+    Tests make many connections from one address, and floods from one user: the attempts per
+    address and the messages per user are opened wide unless a test sets them.
+    """
 
     @contextlib.asynccontextmanager
     async def start(**env: str) -> AsyncIterator[Gateway]:
@@ -156,6 +160,7 @@ def start_gateway(tls_files: tuple[Path, Path], client_ssl: ssl.SSLContext) -> S
                 "GATEWAY_TLS_CERT_FILE": str(cert_file),
                 "GATEWAY_TLS_KEY_FILE": str(key_file),
                 "GATEWAY_CONNECT_RATE": "1000/minute",
+                "GATEWAY_USER_MESSAGE_RATE": "1000000/second",
                 **env,
             }
         )
