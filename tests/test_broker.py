@@ -1,5 +1,7 @@
 """Tests for gateway.broker. The behaviour tests take a started broker built from a URL, so the
-same bodies run against every backend: add its URL to ``broker_url``'s params."""
+same bodies run against every backend: add its URL to ``broker_url``'s params (``redis`` stands
+for a real redis-server of the test's own). What only Redis does, across instances, is in
+tests/test_broker_redis.py."""
 
 from __future__ import annotations
 
@@ -13,7 +15,8 @@ import orjson
 import pytest
 
 from gateway.broker import Broker, Envelope, Member, MemoryBroker, create_broker
-from tests.helpers import make_settings
+from tests.helpers import make_settings, timeout
+from tests.redis_server import RedisServer
 
 ALICE = Member("u-alice", "Alice")
 BOB = Member("u-bob", "Bob")
@@ -34,14 +37,18 @@ class Inbox:
 
     async def wait_for(self, count: int) -> None:
         """Until ``count`` envelopes arrived (at once for memory://; bounded for networks)."""
-        async with asyncio.timeout(5):
+        async with asyncio.timeout(timeout(5)):
             while len(self.envelopes) < count:
                 self._arrived.clear()
                 await self._arrived.wait()
 
 
-@pytest.fixture(params=["memory://"])
+@pytest.fixture(params=["memory://", "redis"])
 def broker_url(request: pytest.FixtureRequest) -> str:
+    """A memory:// URL, or the URL of a redis-server of this test's own."""
+    if request.param == "redis":
+        server: RedisServer = request.getfixturevalue("redis_server")
+        return server.url
     url: str = request.param
     return url
 
@@ -158,10 +165,11 @@ async def test_unknown_removals_are_false_and_harmless(broker: Broker) -> None:
 
 
 async def test_one_user_cannot_remove_another(broker: Broker) -> None:
-    await broker.presence_add("r", ALICE, "shared-id")
-    await broker.presence_add("r", BOB, "shared-id")
+    assert await broker.presence_add("r", ALICE, "shared-id") is True
+    assert await broker.presence_add("r", BOB, "shared-id") is True  # another user's entry
     assert await broker.presence_remove("r", BOB.id, "shared-id") is True
     assert await broker.members("r") == [ALICE]
+    assert await broker.presence_remove("r", ALICE.id, "shared-id") is True
 
 
 async def test_members_sorted_by_id_one_per_user(broker: Broker) -> None:

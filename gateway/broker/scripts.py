@@ -1,0 +1,148 @@
+"""The Redis broker's keys and Lua scripts: each operation on a room's ids or presence is one
+script, so it is atomic however many instances run it at once.
+
+Keys of a room (``{room}`` is a hash tag: a room's keys would share a Redis Cluster slot):
+
+- ``gateway:room:{<room>}:seq``, a string: the room's last chat id (:data:`PUBLISH_NUMBERED`).
+- ``gateway:room:{<room>}:conns``, a sorted set: one entry per connection present on any
+  instance (:func:`conn_entry`: the user, the owning instance, the connection), scored with the
+  time (Redis's clock, ms) it expires unless its instance's heartbeat refreshes it.
+- ``gateway:room:{<room>}:users``, a hash: user id -> how many entries the user has.
+- ``gateway:room:{<room>}:names``, a hash: user id -> the name last recorded for the user.
+
+The three presence keys (:func:`presence_keys`, in that order: ``KEYS[1..3]`` of the presence
+scripts) carry an expiry that every write refreshes, so a room nobody refreshes any more
+disappears. Scores and expiries use Redis's clock (``TIME``), never the instances'.
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "PRESENCE_ADD",
+    "PRESENCE_PRUNE",
+    "PRESENCE_REMOVE",
+    "PUBLISH_NUMBERED",
+    "conn_entry",
+    "counter_key",
+    "presence_keys",
+]
+
+
+def _key(room: str, what: str) -> str:
+    return f"gateway:room:{{{room}}}:{what}"
+
+
+def counter_key(room: str) -> str:
+    """The key of ``room``'s chat id counter."""
+    return _key(room, "seq")
+
+
+def presence_keys(room: str) -> list[str]:
+    """``room``'s presence keys: connections, user counts, names (the scripts' ``KEYS``)."""
+    return [_key(room, "conns"), _key(room, "users"), _key(room, "names")]
+
+
+def conn_entry(user_id: bytes, instance: bytes, conn_id: bytes) -> bytes:
+    """The entry of connection ``conn_id`` of ``user_id`` owned by ``instance``:
+    ``<length of user_id>:<user_id><instance>:<conn_id>``, so the scripts can read the user
+    back (:data:`PRESENCE_PRUNE`) whatever bytes it holds. Two users' connections never share
+    an entry, even with the same connection id."""
+    return b"%d:%s%s:%s" % (len(user_id), user_id, instance, conn_id)
+
+
+#: Redis's clock in ms, and forgetting one connection entry: if it was its user's last, the
+#: user is forgotten too and ``user, name`` is added to ``gone``.
+_PRELUDE = """
+local function now_ms()
+  local t = redis.call("TIME")
+  return tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+end
+
+local function forget(entry, user, gone)
+  if redis.call("ZREM", KEYS[1], entry) == 0 then return end
+  if redis.call("HINCRBY", KEYS[2], user, -1) > 0 then return end
+  gone[#gone + 1] = user
+  gone[#gone + 1] = redis.call("HGET", KEYS[3], user) or ""
+  redis.call("HDEL", KEYS[2], user)
+  redis.call("HDEL", KEYS[3], user)
+end
+"""
+
+#: ``KEYS[1]``: the room's counter. ``ARGV``: the channel, the sealed envelope, the counter's
+#: expiry (ms). Takes the next id and publishes ``<id>|<envelope>`` as one step; returns the id.
+#: A counter that does not exist (a new room, or a Redis restarted empty) starts from Redis's
+#: clock in microseconds, never below an id given before (unless more than one id per
+#: microsecond was taken on average), and below 2**53 until the year 2255.
+PUBLISH_NUMBERED = """
+if redis.call("EXISTS", KEYS[1]) == 0 then
+  local t = redis.call("TIME")
+  redis.call("SET", KEYS[1], t[1] .. string.format("%06d", tonumber(t[2])))
+end
+local id = redis.call("INCR", KEYS[1])
+redis.call("PEXPIRE", KEYS[1], ARGV[3])
+redis.call("PUBLISH", ARGV[1], string.format("%.0f", id) .. "|" .. ARGV[2])
+return id
+"""
+
+#: ``ARGV``: an entry's lifetime (ms), the keys' expiry (ms), ``add`` (record the names given)
+#: or ``keep`` (a heartbeat: keep the names recorded), then ``user, name, entry`` per
+#: connection. Records or refreshes each entry (re-creating it when missing); returns, per
+#: connection, 1 when its user had no entry in the room before it, else 0.
+PRESENCE_ADD = (
+    _PRELUDE
+    + """
+local expire_at = string.format("%.0f", now_ms() + tonumber(ARGV[1]))
+local firsts = {}
+for i = 4, #ARGV, 3 do
+  local user, name, entry = ARGV[i], ARGV[i + 1], ARGV[i + 2]
+  local first = 0
+  if not redis.call("ZSCORE", KEYS[1], entry) then
+    if redis.call("HINCRBY", KEYS[2], user, 1) == 1 then first = 1 end
+  end
+  redis.call("ZADD", KEYS[1], expire_at, entry)
+  if ARGV[3] == "add" then
+    redis.call("HSET", KEYS[3], user, name)
+  else
+    redis.call("HSETNX", KEYS[3], user, name)
+  end
+  firsts[#firsts + 1] = first
+end
+for i = 1, 3 do redis.call("PEXPIRE", KEYS[i], ARGV[2]) end
+return firsts
+"""
+)
+
+#: ``ARGV``: ``user, entry`` per connection. Forgets those entries; returns ``user, name`` for
+#: each user whose last entry that was.
+PRESENCE_REMOVE = (
+    _PRELUDE
+    + """
+local gone = {}
+for i = 1, #ARGV, 2 do forget(ARGV[i + 1], ARGV[i], gone) end
+return gone
+"""
+)
+
+#: ``ARGV``: at most how many expired entries to forget, and ``list`` to list the room too.
+#: Forgets expired entries (their instance stopped refreshing them); returns ``{gone}``, or
+#: ``{gone, names}`` when listing: ``gone`` holds ``user, name`` for each user whose last
+#: entry expired, ``names`` ``user, name`` for each user present.
+PRESENCE_PRUNE = (
+    _PRELUDE
+    + """
+local now = string.format("%.0f", now_ms())
+local expired = redis.call("ZRANGEBYSCORE", KEYS[1], "-inf", now, "LIMIT", 0, ARGV[1])
+local gone = {}
+for _, entry in ipairs(expired) do
+  local colon = string.find(entry, ":", 1, true)
+  local size = colon and tonumber(string.sub(entry, 1, colon - 1))
+  if size then
+    forget(entry, string.sub(entry, colon + 1, colon + size), gone)
+  else
+    redis.call("ZREM", KEYS[1], entry)  -- not an entry of ours: never mind whose
+  end
+end
+if ARGV[2] == "list" then return {gone, redis.call("HGETALL", KEYS[3])} end
+return {gone}
+"""
+)
