@@ -21,9 +21,10 @@ COPY gateway/ gateway/
 # the package in site-packages, where neither exists, and the gateway fails at import. This
 # installs the pinned dependencies into /opt/venv plus a path hook naming /app/gateway; the
 # final stage puts gateway/, schemas/ and static/ side by side in /app, at the same paths, so
-# `python -m gateway` works from any directory. The Makefile installs the same way.
+# `python -m gateway` works from any directory. The Makefile installs the same way. The redis
+# extra is the Redis client, for GATEWAY_BROKER_URL / GATEWAY_RATELIMIT_STORAGE_URL=redis://...
 RUN python -m venv /opt/venv \
- && /opt/venv/bin/pip install --no-cache-dir -c constraints.txt -e .
+ && /opt/venv/bin/pip install --no-cache-dir -c constraints.txt -e ".[redis]"
 
 
 FROM python:3.11-slim-bookworm

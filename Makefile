@@ -13,7 +13,7 @@ $(BIN)/python:
 
 # Runtime dependencies only (what the Dockerfile installs).
 $(VENV)/.runtime: $(BIN)/python pyproject.toml constraints.txt
-	$(PIP) install --quiet -c constraints.txt -e .
+	$(PIP) install --quiet -c constraints.txt -e '.[redis]'
 	touch $@
 
 # Runtime plus test and lint tools.

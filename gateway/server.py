@@ -16,8 +16,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
+import os
 import signal
+import socket
 from collections.abc import AsyncIterator, Awaitable, Callable
 
 from hypercorn.asyncio import serve as hypercorn_serve
@@ -35,7 +38,10 @@ __all__ = [
     "AFTER_SERVING_SECONDS",
     "SERVER_STOP_SECONDS",
     "build_config",
+    "run",
+    "run_workers",
     "serve",
+    "worker_settings",
 ]
 
 log = logging.getLogger("gateway.server")
@@ -148,5 +154,89 @@ async def _stop_signal() -> None:
 
 
 def run(settings: Settings) -> None:
-    """Blocking entry point for ``python -m gateway serve``."""
-    asyncio.run(serve(settings))
+    """Blocking entry point for ``python -m gateway serve``: one process, or with
+    ``GATEWAY_WORKERS`` > 1 a supervisor of that many worker processes (:func:`run_workers`).
+
+    Raises:
+        SystemExit: with a worker's failing status, when one failed.
+    """
+    if settings.workers == 1:
+        asyncio.run(serve(settings))
+        return
+    status = run_workers(settings)
+    if status != 0:
+        raise SystemExit(status)
+
+
+def _listening_socket(settings: Settings) -> socket.socket:
+    host = settings.host.removeprefix("[").removesuffix("]")
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind((host, settings.port))
+    sock.listen(settings.backlog)
+    return sock
+
+
+def worker_settings(settings: Settings, index: int) -> Settings:
+    """Worker ``index``'s settings: its own metrics port (the configured one plus the index)."""
+    port = settings.metrics_port + index if settings.metrics_port else 0
+    return dataclasses.replace(settings, metrics_port=port, workers=1)
+
+
+def run_workers(settings: Settings) -> int:
+    """Serve from ``settings.workers`` processes that share one listening socket, each a whole
+    gateway (its own broker connection, presence entries, metrics port): settings.py requires
+    a Redis broker and limits store for this, so they behave as one gateway, like instances.
+
+    The supervisor binds the socket, forks the workers before any event loop or thread
+    exists, forwards SIGTERM and SIGINT to them (each drains as a single process does), and
+    waits. If a worker exits on its own, the others are stopped the same way.
+
+    Returns:
+        0 when every worker exited cleanly, else the first failing worker's status.
+    """
+    sock = _listening_socket(settings)
+    pids: list[int] = []
+    for index in range(settings.workers):
+        pid = os.fork()
+        if pid == 0:  # the worker: serve, then leave without running the parent's clean-up
+            code = 1
+            try:
+                fd = os.dup(sock.fileno())  # Hypercorn owns (and closes) the one it is given
+                sock.close()
+                asyncio.run(serve(worker_settings(settings, index), fd=fd))
+                code = 0
+            except BaseException:
+                log.exception("worker failed", extra={"worker": index})
+            finally:
+                logging.shutdown()
+                os._exit(code)
+        pids.append(pid)
+    sock.close()
+    log.info("workers started", extra={"workers": settings.workers, "pids": pids})
+
+    def forward(signum: int, _frame: object) -> None:
+        for child in pids:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(child, signum)
+
+    previous = {sig: signal.signal(sig, forward) for sig in (signal.SIGTERM, signal.SIGINT)}
+    status = 0
+    try:
+        remaining = set(pids)
+        while remaining:
+            pid, wait_status = os.wait()
+            if pid not in remaining:
+                continue
+            remaining.discard(pid)
+            code = os.waitstatus_to_exitcode(wait_status)
+            if code != 0:
+                log.error("worker exited", extra={"pid": pid, "status": code})
+                if status == 0:
+                    status = code if code > 0 else 1
+                    forward(signal.SIGTERM, None)  # one is gone: stop the rest cleanly
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    return status

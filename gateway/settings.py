@@ -183,7 +183,7 @@ class Settings:
     broker_secret: Secret | None = None
     redis_ca_file: Path | None = None
     presence_ttl_seconds: float = 20.0
-    user_message_rate: str = "10/second"
+    user_message_rate: str = "20/second"
 
     dev_token_endpoint: bool = True
     dev_token_ttl_seconds: int = 3600
@@ -194,6 +194,7 @@ class Settings:
 
     metrics_host: str = "127.0.0.1"
     metrics_port: int = 9102
+    workers: int = 1
     shutdown_spread_seconds: float = 10.0
     shutdown_grace_seconds: float = 30.0
 
@@ -357,11 +358,11 @@ def load_settings(env: Mapping[str, str]) -> Settings:
         r.problems.append(
             f"GATEWAY_CONNECT_RATE={connect_rate!r} is not in limits notation, like 20/minute"
         )
-    user_message_rate = r.text("GATEWAY_USER_MESSAGE_RATE", "10/second")
+    user_message_rate = r.text("GATEWAY_USER_MESSAGE_RATE", "20/second")
     if not _LIMITS_NOTATION.fullmatch(user_message_rate):
         r.problems.append(
             f"GATEWAY_USER_MESSAGE_RATE={user_message_rate!r} is not in limits notation, "
-            "like 10/second"
+            "like 20/second"
         )
     storage_url = r.text("GATEWAY_RATELIMIT_STORAGE_URL", "memory://")
     broker_url = r.text("GATEWAY_BROKER_URL", "memory://")
@@ -418,6 +419,7 @@ def load_settings(env: Mapping[str, str]) -> Settings:
         log_level=r.choice("GATEWAY_LOG_LEVEL", "INFO", _LOG_LEVELS),
         metrics_host=r.text("GATEWAY_METRICS_HOST", "127.0.0.1"),
         metrics_port=r.integer("GATEWAY_METRICS_PORT", 9102, 0, 65535),
+        workers=r.integer("GATEWAY_WORKERS", 1, 1, 64),
         shutdown_spread_seconds=r.number("GATEWAY_SHUTDOWN_SPREAD_SECONDS", 10.0, 0.0, 3600.0),
         shutdown_grace_seconds=r.number("GATEWAY_SHUTDOWN_GRACE_SECONDS", 30.0, 1.0, 86400.0),
     )
@@ -542,6 +544,29 @@ def _check_broker(r: _Reader, s: Settings) -> None:
     elif redis and s.broker_secret is not None:
         if len(s.broker_secret.get().encode("utf-8")) < MIN_SECRET_BYTES:
             r.problems.append(f"GATEWAY_BROKER_SECRET is shorter than {MIN_SECRET_BYTES} bytes")
+    if s.workers > 1:
+        shared = (
+            ("GATEWAY_BROKER_URL", s.broker_url),
+            (
+                "GATEWAY_RATELIMIT_STORAGE_URL",
+                s.ratelimit_storage_url,
+            ),
+        )
+        for name, url in shared:
+            if _url_scheme(url) not in {"redis", "rediss"}:
+                r.problems.append(
+                    f"GATEWAY_WORKERS={s.workers} needs {name}=redis://...: with memory:// each "
+                    "worker process would be its own chat world"
+                )
+        last_metrics_port = s.metrics_port + s.workers - 1
+        if s.metrics_port != 0 and (
+            last_metrics_port > 65535 or s.metrics_port <= s.port <= last_metrics_port
+        ):
+            r.problems.append(
+                f"GATEWAY_METRICS_PORT={s.metrics_port}: the workers' metrics take ports "
+                f"{s.metrics_port} to {last_metrics_port}, which must be free of GATEWAY_PORT "
+                "and at most 65535"
+            )
     if s.redis_ca_file is not None and not s.redis_ca_file.is_file():
         r.problems.append(f"GATEWAY_REDIS_CA_FILE: {s.redis_ca_file} does not exist")
 

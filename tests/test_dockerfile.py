@@ -488,8 +488,9 @@ def test_compose_runs_two_gateway_replicas_behind_haproxy() -> None:
 def test_compose_passes_the_production_checks(tmp_path: Path) -> None:
     """Each replica's environment (the image's ENV, then compose's) is one production starts
     with: no configuration problem stops the replicas in a restart loop."""
-    secret = tmp_path / "jwt"
+    secret, broker_secret = tmp_path / "jwt", tmp_path / "broker"
     secret.write_text(secrets.token_urlsafe(48) + "\n", encoding="utf-8")
+    broker_secret.write_text(secrets.token_urlsafe(48) + "\n", encoding="utf-8")
     for name, service in services().items():
         if not name.startswith("gateway"):
             continue
@@ -504,10 +505,30 @@ def test_compose_passes_the_production_checks(tmp_path: Path) -> None:
         assert env["GATEWAY_ENV"] == "production"
         assert env["GATEWAY_JWT_SECRET_FILE"] == "/run/secrets/jwt"
         env["GATEWAY_JWT_SECRET_FILE"] = str(secret)  # the compose secret, mounted
+        assert env["GATEWAY_BROKER_SECRET_FILE"] == "/run/secrets/broker"
+        env["GATEWAY_BROKER_SECRET_FILE"] = str(broker_secret)
         try:
             load_settings(env)
         except SettingsError as error:
             raise AssertionError(f"{name} would not start: {error}") from None
+
+
+def test_compose_replicas_share_one_redis_for_fan_out_and_limits() -> None:
+    found = services()
+    redis = found["redis"]
+    assert "ports" not in redis, "redis must not be published"
+    assert redis["networks"] == ["backend"]
+    assert redis["command"][:3] == ["redis-server", "--save", ""]  # nothing on disk
+    assert redis["healthcheck"]["test"] == ["CMD", "redis-cli", "ping"]
+    for name, service in found.items():
+        if not name.startswith("gateway"):
+            continue
+        env = service["environment"]
+        assert env["GATEWAY_BROKER_URL"] == "redis://redis:6379/0", name
+        assert env["GATEWAY_RATELIMIT_STORAGE_URL"] == "redis://redis:6379/1", name
+        assert "broker" in service["secrets"], name
+        assert "GATEWAY_BROKER_SECRET" not in env, f"{name}: the key belongs in a secret file"
+        assert service["depends_on"]["redis"]["condition"] == "service_healthy", name
 
 
 def haproxy_sections() -> dict[str, list[str]]:
@@ -840,8 +861,9 @@ def test_the_image_holds_code_schemas_and_page_side_by_side(image: Image) -> Non
     )
     # From any directory (here the image's /), the venv imports the gateway from /app, and the
     # gateway finds schemas/ and static/ beside it.
+    # It also has the Redis client: the Redis broker loads (a scaled-out deployment needs it).
     code = (
-        "import gateway.protocol as p, gateway.web as w; "
+        "import gateway.protocol as p, gateway.web as w, gateway.broker.redis; "
         "print(p.__file__); print(p.SCHEMA_DIR); print(w.STATIC_DIR)"
     )
     result = subprocess.run(

@@ -3,11 +3,14 @@
 
 from __future__ import annotations
 
+import asyncio
 from dataclasses import dataclass, field
 
 import pytest
 
+from gateway.auth import mint_token
 from gateway.broker import Envelope, Member, MemoryBroker
+from gateway.errors import BrokerUnavailable
 from gateway.hub import Hub
 from gateway.outbox import Outgoing
 from gateway.protocol import encode
@@ -229,3 +232,127 @@ async def test_joined_precedes_the_rooms_traffic() -> None:
     assert [f["type"] for f in await drain(b)] == ["chat", "presence"]
     await send(b, type="chat", room="lobby", message="after")
     assert [f["message"] for f in await drain(a)] == ["after"]
+
+
+# -- a slow or failing broker ------------------------------------------------------------------
+
+
+class SlowBroker(CountingBroker):
+    """Subscribes only when the test says so (``gate``), or fails then (``fail``)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.gate = asyncio.Event()
+        self.fail = False
+
+    async def subscribe(self, room: str) -> None:
+        await self.gate.wait()
+        if self.fail:
+            raise BrokerUnavailable("redis is down")
+        await super().subscribe(room)
+
+
+async def test_a_second_holder_waits_for_the_first_holders_subscription() -> None:
+    broker = SlowBroker()
+    hub = Hub(broker)
+    first = asyncio.create_task(hub.acquire("r"))
+    second = asyncio.create_task(hub.acquire("r"))
+    await asyncio.sleep(0.01)
+    # Neither may be attached yet: the subscription is not there, broadcasts would be lost.
+    assert not first.done() and not second.done()
+    broker.gate.set()
+    await asyncio.gather(first, second)
+    assert (broker.subscribes, broker.subscribed_rooms) == (1, 1)
+    await hub.release("r")
+    await hub.release("r")
+    assert (broker.unsubscribes, broker.subscribed_rooms) == (1, 0)
+
+
+async def test_when_the_first_subscribe_fails_the_waiting_holder_subscribes_itself() -> None:
+    broker = SlowBroker()
+    hub = Hub(broker)
+    first = asyncio.create_task(hub.acquire("r"))
+    second = asyncio.create_task(hub.acquire("r"))
+    await asyncio.sleep(0.01)
+    broker.fail = True
+    broker.gate.set()
+    with pytest.raises(BrokerUnavailable):
+        await first
+    with pytest.raises(BrokerUnavailable):  # it tried again for itself, and failed too
+        await second
+    broker.fail = False
+    await hub.acquire("r")  # nothing half-registered: a plain first holder again
+    assert (broker.subscribes, broker.subscribed_rooms) == (1, 1)
+    await hub.release("r")
+    assert broker.subscribed_rooms == 0
+
+
+async def test_a_cancelled_subscribe_holds_nothing() -> None:
+    broker = SlowBroker()
+    hub = Hub(broker)
+    task = asyncio.create_task(hub.acquire("r"))
+    await asyncio.sleep(0.01)
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    broker.gate.set()
+    await hub.release("r")  # nothing was held: no unsubscribe
+    assert broker.unsubscribes == 0
+    await hub.acquire("r")
+    assert broker.subscribes == 1
+
+
+class StuckRemovalBroker(MemoryBroker):
+    """presence_remove waits until released: a client may vanish meanwhile."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.removing = asyncio.Event()
+        self.proceed = asyncio.Event()
+
+    async def presence_remove(self, room: str, user_id: str, conn_id: str) -> bool:
+        self.removing.set()
+        await self.proceed.wait()
+        return await super().presence_remove(room, user_id, conn_id)
+
+
+async def test_a_leave_cancelled_mid_way_still_removes_the_presence_entry() -> None:
+    broker = StuckRemovalBroker()
+    world = await World(broker=broker).start()
+    a, b = await world.session("alice"), await world.session("bob")
+    await send(b, type="join", room="lobby")
+    await send(a, type="join", room="lobby")
+    await drain(b)
+    leaving = asyncio.create_task(send(a, type="leave", room="lobby"))
+    await broker.removing.wait()
+    leaving.cancel()  # the client went away while its leave was on its way to the broker
+    with pytest.raises(asyncio.CancelledError):
+        await leaving
+    broker.proceed.set()
+    for _ in range(5):
+        await asyncio.sleep(0)
+    assert await broker.members("lobby") == [Member("bob", "Bob")]  # no zombie alice
+    assert [f["event"] for f in await drain(b)] == ["leave"]
+    assert world.hub.members("lobby") == 1
+
+
+async def test_a_refresh_that_renames_updates_the_member_lists(world: World) -> None:
+    a, b = await world.sessions("alice", "bob")
+    await send(a, type="join", room="lobby")
+    await send(b, type="join", room="lobby")
+    await drain(a)
+    token = mint_token(world.settings, sub="alice", name="Alice B.", now=world.wall_seconds)
+    assert [f["type"] for f in await send(a, type="refresh", token=token)] == ["refreshed"]
+    renamed = {"id": "alice", "name": "Alice B."}
+    assert await drain(b) == [presence("join", renamed)]  # the others update their list
+    assert Member("alice", "Alice B.") in await world.broker.members("lobby")
+    carol = await world.session("carol")
+    joined = (await send(carol, type="join", room="lobby"))[0]
+    assert renamed in joined["members"]
+    # A refresh with the same name announces nothing.
+    same = mint_token(world.settings, sub="alice", name="Alice B.", now=world.wall_seconds)
+    await send(a, type="refresh", token=same)
+    assert [f for f in await drain(b) if f["type"] == "presence"] == [presence("join", CAROL)]
+
+
+CAROL = {"id": "carol", "name": "Carol"}

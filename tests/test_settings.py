@@ -5,6 +5,7 @@ from pathlib import Path
 import pytest
 
 from gateway.settings import UNPARSEABLE_URL, Secret, SettingsError, load_settings, redact_url
+from tests.helpers import make_settings
 
 STRONG = "s" * 48
 
@@ -337,3 +338,53 @@ def test_production_jwks_url_is_reported_without_its_password(tmp_path: Path) ->
     del env["GATEWAY_JWT_SECRET"]
     found = problems(env)
     assert found == ["production: GATEWAY_JWT_JWKS_URL must use https://"]
+
+
+def test_several_workers_need_a_shared_redis() -> None:
+    with pytest.raises(SettingsError) as error:
+        make_settings({"GATEWAY_WORKERS": "2"})
+    problems = error.value.problems
+    assert any("GATEWAY_BROKER_URL=redis://" in p for p in problems)
+    assert any("GATEWAY_RATELIMIT_STORAGE_URL=redis://" in p for p in problems)
+    settings = make_settings(
+        {
+            "GATEWAY_WORKERS": "3",
+            "GATEWAY_BROKER_URL": "redis://127.0.0.1:6379/0",
+            "GATEWAY_RATELIMIT_STORAGE_URL": "redis://127.0.0.1:6379/1",
+            "GATEWAY_METRICS_PORT": "9102",
+        }
+    )
+    assert settings.workers == 3
+
+
+@pytest.mark.parametrize(("metrics_port", "port"), [("65535", "3001"), ("3000", "3001")])
+def test_the_workers_metrics_ports_must_fit(metrics_port: str, port: str) -> None:
+    with pytest.raises(SettingsError, match="workers' metrics take ports"):
+        make_settings(
+            {
+                "GATEWAY_WORKERS": "2",
+                "GATEWAY_BROKER_URL": "redis://127.0.0.1:6379/0",
+                "GATEWAY_RATELIMIT_STORAGE_URL": "redis://127.0.0.1:6379/1",
+                "GATEWAY_METRICS_PORT": metrics_port,
+                "GATEWAY_PORT": port,
+            }
+        )
+
+
+def test_a_redis_broker_key_is_derived_in_development_and_at_least_32_bytes(
+    tmp_path: Path,
+) -> None:
+    redis = {"GATEWAY_BROKER_URL": "redis://127.0.0.1:6379/0"}
+    derived = make_settings(redis).broker_secret  # development: from the JWT secret
+    assert derived is not None and len(derived.get()) >= 32
+    assert make_settings(redis).broker_secret == derived  # the same on every instance
+    with pytest.raises(SettingsError, match="shorter than 32 bytes"):
+        make_settings({**redis, "GATEWAY_BROKER_SECRET": "short"})
+    explicit = make_settings({**redis, "GATEWAY_BROKER_SECRET": "k" * 32}).broker_secret
+    assert explicit is not None and explicit.get() == "k" * 32
+    # Production derives nothing: the operator gives the key, in a file or the variable.
+    assert any("GATEWAY_BROKER_SECRET" in p for p in problems(prod_env(tmp_path, **redis)))
+    key_file = tmp_path / "broker"
+    key_file.write_text("b" * 40 + "\n")
+    loaded = load_settings(prod_env(tmp_path, **redis, GATEWAY_BROKER_SECRET_FILE=str(key_file)))
+    assert loaded.broker_secret == Secret("b" * 40)
