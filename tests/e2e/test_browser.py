@@ -34,6 +34,7 @@ from tests.e2e.browser import (
 )
 from tests.e2e.conftest import Gateway, StartGateway
 from tests.helpers import timeout
+from tests.redis_server import RedisServer
 
 pytestmark = pytest.mark.e2e
 
@@ -201,6 +202,38 @@ async def test_two_users_see_messages_members_presence_and_typing(
         await alice.send("still here")
         alice.assert_clean()
         bob.assert_clean()
+
+
+async def test_two_windows_on_two_instances_meet_in_one_room(
+    serve_pages: StartGateway, pages: Pages, redis_server: RedisServer
+) -> None:
+    # Two gateway instances sharing one real Redis, each serving its own page: what a user
+    # sees behind a load balancer that put the two windows on different replicas.
+    shared = {
+        "GATEWAY_BROKER_URL": redis_server.url_for(0),
+        "GATEWAY_RATELIMIT_STORAGE_URL": redis_server.url_for(1),
+    }
+    async with serve_pages(**shared) as one, serve_pages(**shared) as two:
+        assert one.port != two.port
+        alice = await pages.open(one.base_url)
+        await alice.sign_in("alice")
+        bob = await pages.open(two.base_url)
+        await bob.sign_in("bob")
+        for page in (alice, bob):  # each lists both: the other is on the other instance
+            await expect(page.members).to_have_count(2)
+        await expect(alice.members).to_have_text(["alice (you)", "bob"])
+        await expect(bob.members).to_have_text(["alice", "bob (you)"])
+        await bob.input.press_sequentially("hi")
+        await expect(alice.typing).to_have_text("bob is typing…")
+        for n in range(3):  # both ways, one order
+            await alice.send(f"from alice {n}")
+            await bob.send(f"from bob {n}")
+        expected = [f"from {who} {n}" for n in range(3) for who in ("alice", "bob")]
+        for page in (alice, bob):
+            await expect(page.messages.locator(".msg-text")).to_have_text(expected)
+        ids = [int(i) for i in await bob.messages.evaluate_all("ms => ms.map(m => m.dataset.id)")]
+        assert ids == sorted(ids) and len(set(ids)) == 6
+        assert (one.services.hub.members("lobby"), two.services.hub.members("lobby")) == (1, 1)
 
 
 # ---- 2. connection state ----
