@@ -37,6 +37,13 @@ lint: $(VENV)/.test
 	$(BIN)/ruff format --check .
 	$(BIN)/mypy
 
+# Figures, never assertions: the gateway beside two peer servers (docs/performance.md).
+# BENCH_REPEATS=3, BENCH_STORM=10000 and the other BENCH_* variables of bench/run.py apply.
+bench: $(VENV)/.test
+	@command -v node >/dev/null 2>&1 || { echo "make bench: the load generator needs Node.js 18+ and npm (apt-get install nodejs npm)" >&2; exit 1; }
+	@test -d bench/node_modules || { command -v npm >/dev/null 2>&1 || { echo "make bench: npm is missing (apt-get install npm)" >&2; exit 1; }; npm ci --prefix bench --no-audit --no-fund; }
+	@ulimit -n "$$(ulimit -Hn)" 2>/dev/null || true; $(BIN)/python bench/run.py
+
 format: $(VENV)/.test
 	$(BIN)/ruff format .
 	$(BIN)/ruff check --fix .
