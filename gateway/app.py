@@ -64,7 +64,7 @@ def create_app(settings: Settings) -> Quart:
         verifier=TokenVerifier(settings),
         policy=RoomPolicy(settings.open_rooms),
         broker=broker,
-        hub=Hub(broker),
+        hub=Hub(broker, metrics=metrics, presence_max_members=settings.presence_max_members),
         attempts=ConnectAttemptLimiter(settings.connect_rate, store),
         slots=ConnectionSlots(
             settings.max_connections,
@@ -90,6 +90,7 @@ def create_app(settings: Settings) -> Quart:
     async def stop() -> None:
         # Connections still open leave their rooms through the broker: close them first.
         await drain(app)
+        await services.hub.close()
         await services.broker.close()
         await services.slots.close()
         await store.close()

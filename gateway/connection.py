@@ -106,11 +106,26 @@ async def _read(socket: Socket, session: Session) -> None:
 
 
 async def _write(socket: Socket, session: Session) -> None:
+    """Drain what the outbox queued (frames it could not write at once), in order: through the
+    transport's own sink once it has drained, or the ASGI send where there is no sink."""
     metrics = session.metrics
+    outbox = session.outbox
     while True:
-        item = await session.outbox.get()
-        await socket.send(item.text)
-        metrics.written(item.kind, item.received_monotonic, time.monotonic())
+        item = await outbox.get()
+        sink = outbox.sink
+        if sink is None:
+            await socket.send(item.text)
+            written = True
+        else:
+            try:
+                await sink.drained()
+            except ConnectionError:  # the client is gone: the ASGI disconnect ends us
+                outbox.close()
+                await asyncio.get_running_loop().create_future()
+            written = sink.write(item.frame)
+        outbox.sent()
+        if written:
+            metrics.written(item.kind, item.received_monotonic, time.monotonic())
 
 
 async def _watch_expiry(session: Session, clock: Callable[[], float]) -> None:

@@ -92,6 +92,7 @@ from wsproto.events import CloseConnection, Message, Ping, Pong, TextMessage
 from wsproto.events import Event as WSProtoEvent
 from wsproto.frame_protocol import CloseReason
 
+from gateway.outbox import Offer
 from gateway.ratelimit import Verdict
 
 __all__ = [
@@ -154,9 +155,18 @@ class ByteCountingBuffer(WebsocketBuffer):
 
 
 class TransportControl:
-    """What a WebSocket app may do beyond ASGI: meter the frames the server answers itself.
+    """What a WebSocket app may do beyond ASGI: meter the frames the server answers itself, and
+    write whole frames straight to the transport (the fast path of a broadcast).
 
-    Found in the scope, ``scope["extensions"][TRANSPORT_EXTENSION]``, once the app runs.
+    Found in the scope, ``scope["extensions"][TRANSPORT_EXTENSION]``, once the app runs. It is
+    a :class:`gateway.outbox.Sink` when :attr:`can_write`.
+
+    Writing below Hypercorn is safe because Hypercorn itself writes whole frames with one
+    ``write`` each (pings, pongs, close) and never fragments what it sends, so frames never
+    interleave; a data frame is written only while the handshake is done, the stream open and
+    the WebSocket OPEN (never after a close frame, either way); server frames are unmasked, and
+    may be uncompressed even when permessage-deflate was negotiated (RSV1 clear, RFC 7692
+    section 6), so wsproto's state is untouched.
 
     Attributes:
         frame_meter: set by the app; called for every ping, pong and fragment (a frame that
@@ -165,14 +175,58 @@ class TransportControl:
             nothing more is read from it.
     """
 
-    __slots__ = ("frame_meter",)
+    __slots__ = ("_server", "_stream", "_transport", "frame_meter", "open")
 
-    def __init__(self) -> None:
+    def __init__(
+        self, stream: GatewayWSStream | None = None, server: GatewayTCPServer | None = None
+    ) -> None:
         self.frame_meter: FrameMeter | None = None
+        self._stream = stream
+        self._server = server
+        self._transport = server.writer.transport if server is not None else None
+        #: True from the accept until the WebSocket starts closing (a close frame either way,
+        #: the stream or the app ending): data frames may be written only then. The stream
+        #: keeps it, so a write costs no state lookups.
+        self.open = False
 
     def meter(self, kind: str) -> Verdict:
         meter = self.frame_meter
         return Verdict.ACCEPT if meter is None else meter(kind)
+
+    @property
+    def can_write(self) -> bool:
+        """Whether this connection's transport is within reach (Hypercorn's asyncio worker)."""
+        return self._stream is not None and self._server is not None
+
+    def write(self, frame: bytes) -> bool:
+        """Write one whole server frame now (a transport write never blocks); False, writing
+        nothing, when the WebSocket is no longer open."""
+        transport = self._transport
+        if not self.open or transport is None:
+            return False
+        transport.write(frame)
+        return True
+
+    def offer(self, frame: bytes) -> Offer:
+        """Write ``frame`` now unless the WebSocket is closing (CLOSED) or the transport's
+        buffer is at :data:`WRITE_BUFFER_HIGH_BYTES` (FULL: queue it): the hot path of a
+        broadcast, with no state lookups beyond a flag and the buffer's size."""
+        transport = self._transport
+        if not self.open or transport is None:
+            return Offer.CLOSED
+        if transport.get_write_buffer_size() >= WRITE_BUFFER_HIGH_BYTES:
+            return Offer.FULL
+        transport.write(frame)
+        return Offer.WRITTEN
+
+    async def drained(self) -> None:
+        """Until the transport's buffer is back under its low-water mark.
+
+        Raises:
+            ConnectionError: the connection was lost.
+        """
+        if self._server is not None:
+            await self._server.writer.drain()
 
 
 class GatewayWSStream(WSStream):
@@ -189,7 +243,7 @@ class GatewayWSStream(WSStream):
         #: the client's, or ours for a frame the WebSocket layer refused.
         self._close_code: int | None = None
         self._server = _SERVING.get()
-        self.control = TransportControl()
+        self.control = TransportControl(self, self._server)
         #: False once the frame meter said CLOSE: the client's bytes are dropped unread.
         self._reading = True
         #: The queue the app reads its events from, and whether the app has ended.
@@ -199,7 +253,9 @@ class GatewayWSStream(WSStream):
         self._pings_unanswered = 0
 
     def _closing(self) -> None:
-        """The WebSocket is closing: its TCP connection ends within CLOSE_TIMEOUT_SECONDS."""
+        """The WebSocket is closing: no more data frames; its TCP connection ends within
+        CLOSE_TIMEOUT_SECONDS."""
+        self.control.open = False
         if self._server is not None:
             self._server.close_within(CLOSE_TIMEOUT_SECONDS)
 
@@ -214,6 +270,13 @@ class GatewayWSStream(WSStream):
             self._closing()
             self._drop_app_input()
         await super().app_send(message)
+        if (
+            message is not None
+            and message["type"] == "websocket.accept"
+            and self.state is ASGIWebsocketState.CONNECTED
+            and not self.closed
+        ):
+            self.control.open = True
 
     def _drop_app_input(self) -> None:
         queue = self._app_queue

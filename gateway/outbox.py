@@ -1,10 +1,14 @@
-"""One connection's bounded outbound queue.
+"""One connection's bounded outbound queue, and the fast path around it.
 
-Everything a connection is sent goes through its :class:`Outbox`; one writer task drains it to
-the socket. Putting never blocks and never waits for the client: a broadcast enqueues the same
-serialized text for every recipient and moves on. A client that lets its queue fill is not kept
-waiting for: the outbox refuses further frames and calls ``on_overflow`` once, and the connection
-is closed with 4008 (too slow).
+Everything a connection is sent goes through its :class:`Outbox`. Putting never blocks and never
+waits for the client. When the connection has a :class:`Sink` (its transport, reached below
+ASGI: gateway.hypercorn_fixes) and nothing is waiting, a frame is written at once, in the
+caller's turn of the event loop: a broadcast builds the frame once and writes it to every
+recipient's transport, with no task, queue or ASGI message per delivery. Otherwise (the
+transport's buffer is full, or frames wait already, or there is no sink) the frame is queued,
+and one writer task drains the queue as the transport drains, in order. A client that lets its
+queue fill is not kept waiting for: the outbox refuses further frames and calls
+``on_overflow`` once, and the connection is closed with 4008 (too slow).
 
 The queue is bounded twice: in frames (``capacity``) and in UTF-8 bytes (``max_bytes``), since
 outgoing frames have no size cap of their own (a ``joined`` lists every member of a room). A
@@ -22,10 +26,12 @@ every recipient: nothing is serialized, measured or copied per recipient.
 from __future__ import annotations
 
 import asyncio
+import struct
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from enum import IntEnum
+from typing import Protocol
 
-__all__ = ["Outbox", "Outgoing", "utf8_size"]
+__all__ = ["Offer", "Outbox", "Outgoing", "Put", "Sink", "text_frame", "utf8_size"]
 
 
 def utf8_size(text: str) -> int:
@@ -33,7 +39,6 @@ def utf8_size(text: str) -> int:
     return len(text) if text.isascii() else len(text.encode("utf-8", "surrogatepass"))
 
 
-@dataclass(frozen=True, slots=True)
 class Outgoing:
     """One frame for the writer, shared by every recipient of a broadcast.
 
@@ -46,17 +51,93 @@ class Outgoing:
         size_bytes: ``text`` in UTF-8 bytes, measured once.
     """
 
-    text: str
-    kind: str = "other"
-    received_monotonic: float | None = None
-    size_bytes: int = field(init=False, repr=False, compare=False)
+    __slots__ = ("_frame", "kind", "received_monotonic", "size_bytes", "text")
 
-    def __post_init__(self) -> None:
-        object.__setattr__(self, "size_bytes", utf8_size(self.text))
+    def __init__(
+        self, text: str, kind: str = "other", received_monotonic: float | None = None
+    ) -> None:
+        self.text = text
+        self.kind = kind
+        self.received_monotonic = received_monotonic
+        self.size_bytes = utf8_size(text)
+        self._frame: bytes | None = None
+
+    @property
+    def frame(self) -> bytes:
+        """The whole WebSocket frame of ``text`` as a server sends it (RFC 6455 section 5.2:
+        FIN, opcode text, unmasked), built once, on first use, for every recipient."""
+        frame = self._frame
+        if frame is None:
+            frame = self._frame = text_frame(self.text.encode("utf-8", "surrogatepass"))
+        return frame
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, Outgoing):
+            return NotImplemented
+        return (self.text, self.kind, self.received_monotonic) == (
+            other.text,
+            other.kind,
+            other.received_monotonic,
+        )
+
+    def __hash__(self) -> int:
+        return hash((self.text, self.kind, self.received_monotonic))
+
+    def __repr__(self) -> str:
+        return f"Outgoing({self.text!r}, {self.kind!r}, {self.received_monotonic!r})"
+
+
+def text_frame(payload: bytes) -> bytes:
+    """An unmasked final text frame holding ``payload`` (RFC 6455 section 5.2)."""
+    length = len(payload)
+    if length < 126:
+        return bytes((0x81, length)) + payload
+    if length < 1 << 16:
+        return _HEAD_16.pack(0x81, 126, length) + payload
+    return _HEAD_64.pack(0x81, 127, length) + payload
+
+
+_HEAD_16 = struct.Struct("!BBH")
+_HEAD_64 = struct.Struct("!BBQ")
+
+
+class Offer(IntEnum):
+    """What a :class:`Sink` did with a frame offered to it."""
+
+    CLOSED = 0
+    FULL = 1
+    WRITTEN = 2
+
+
+class Sink(Protocol):
+    """Where an outbox writes frames without a task in between (the transport, below ASGI)."""
+
+    def offer(self, frame: bytes) -> Offer:
+        """Write ``frame`` now if the connection is open and nothing backs up: WRITTEN; else
+        FULL (queue it) or CLOSED (drop it)."""
+
+    def write(self, frame: bytes) -> bool:
+        """Write one whole frame now; False when the connection is closing (nothing written)."""
+
+    async def drained(self) -> None:
+        """Until a frame may be written without piling up (the transport drained).
+
+        Raises:
+            ConnectionError: the connection was lost.
+        """
+
+
+class Put(IntEnum):
+    """What became of a frame given to :meth:`Outbox.put` (false only when refused)."""
+
+    REFUSED = 0
+    QUEUED = 1
+    WRITTEN = 2
 
 
 class Outbox:
-    """A bounded FIFO of :class:`Outgoing` frames, with an overflow signal, not back-pressure.
+    """A bounded FIFO of :class:`Outgoing` frames, with an overflow signal, not back-pressure,
+    and a direct write to its :class:`Sink` while nothing waits.
 
     Args:
         capacity: frames held at most, >= 1.
@@ -77,6 +158,17 @@ class Outbox:
         self._bytes = 0
         self._on_overflow = on_overflow
         self._open = True
+        self._sink: Sink | None = None
+        #: The writer took a frame and has not written it yet: later frames must queue.
+        self._busy = False
+
+    def attach(self, sink: Sink) -> None:
+        """From now on, write to ``sink`` directly whenever nothing waits."""
+        self._sink = sink
+
+    @property
+    def sink(self) -> Sink | None:
+        return self._sink
 
     @property
     def depth(self) -> int:
@@ -92,10 +184,22 @@ class Outbox:
     def is_open(self) -> bool:
         return self._open
 
-    def put(self, item: Outgoing) -> bool:
-        """Queue ``item`` for the client; False when refused (closed, or it just overflowed)."""
+    def put(self, item: Outgoing) -> Put:
+        """Write ``item`` now if nothing waits and the sink takes it, else queue it.
+
+        Returns:
+            WRITTEN or QUEUED; REFUSED when the outbox is closed, the connection is closing,
+            or this frame overflowed the queue (then ``on_overflow`` was called).
+        """
         if not self._open:
-            return False
+            return Put.REFUSED
+        sink = self._sink
+        if sink is not None and not self._busy and self._queue.empty():
+            offered = sink.offer(item.frame)
+            if offered is Offer.WRITTEN:
+                return Put.WRITTEN
+            if offered is Offer.CLOSED:
+                return Put.REFUSED
         if self._bytes and self._bytes + item.size_bytes > self._max_bytes:
             return self._overflow()
         try:
@@ -103,18 +207,24 @@ class Outbox:
         except asyncio.QueueFull:
             return self._overflow()
         self._bytes += item.size_bytes
-        return True
+        return Put.QUEUED
 
-    def _overflow(self) -> bool:
+    def _overflow(self) -> Put:
         self.close()
         self._on_overflow()
-        return False
+        return Put.REFUSED
 
     async def get(self) -> Outgoing:
-        """The next frame to write; waits while the queue is empty."""
+        """The next frame to write; waits while the queue is empty. Until :meth:`sent`, later
+        frames queue behind it (they must not overtake it)."""
         item = await self._queue.get()
+        self._busy = True
         self._bytes -= item.size_bytes
         return item
+
+    def sent(self) -> None:
+        """The writer has written (or given up) the frame it took with :meth:`get`."""
+        self._busy = False
 
     def close(self) -> None:
         """Refuse every later frame and drop what is queued (the connection is going)."""

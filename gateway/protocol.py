@@ -57,7 +57,18 @@ SCHEMA_BASE_URI: Final = "https://gateway.local/schemas/"
 CLIENT_TYPES: Final = frozenset({"join", "leave", "chat", "typing", "ping", "refresh"})
 #: Frame types the server sends (one schema each in ``schemas/server/``).
 SERVER_TYPES: Final = frozenset(
-    {"welcome", "joined", "left", "chat", "presence", "typing", "pong", "refreshed", "error"}
+    {
+        "welcome",
+        "joined",
+        "left",
+        "chat",
+        "presence",
+        "room",
+        "typing",
+        "pong",
+        "refreshed",
+        "error",
+    }
 )
 
 #: How much of a client-supplied string an error message may quote.

@@ -33,7 +33,7 @@ from collections.abc import Callable, Coroutine
 from typing import Any
 
 from gateway.auth import Principal, TokenVerifier
-from gateway.broker import Broker, Envelope, Member
+from gateway.broker import Broker, Envelope, Member, MemberPage
 from gateway.errors import (
     AuthError,
     BrokerUnavailable,
@@ -44,7 +44,7 @@ from gateway.errors import (
 )
 from gateway.hub import Hub, presence_envelope
 from gateway.metrics import Metrics
-from gateway.outbox import Outbox, Outgoing
+from gateway.outbox import Outbox, Outgoing, Put
 from gateway.protocol import MAX_CHAT_CHARS, decode, encode
 from gateway.quotas import UserMessageQuota
 from gateway.ratelimit import TokenBucket, Verdict, ViolationWindow
@@ -187,14 +187,19 @@ class Session:
     def allowed_rooms(self) -> frozenset[str]:
         return self._policy.allowed_rooms(self.principal.rooms)
 
-    def deliver(self, item: Outgoing) -> None:
-        """Queue an already-serialized frame (called by the hub for broadcasts)."""
-        if self.outbox.put(item):
+    def deliver(self, item: Outgoing) -> Put:
+        """Write or queue an already-serialized frame (the hub calls it for broadcasts, and
+        counts what it wrote at once; the writer counts what it writes later)."""
+        put = self.outbox.put(item)
+        if put:
             self.frames_out += 1
+        return put
 
     def send(self, frame: Frame) -> None:
-        """Serialize and queue a reply to this connection alone."""
-        self.deliver(Outgoing(encode(frame), frame["type"]))
+        """Serialize and send (or queue) a reply to this connection alone."""
+        item = Outgoing(encode(frame), frame["type"])
+        if self.deliver(item) is Put.WRITTEN:
+            self.metrics.written(item.kind, None, 0.0)
 
     def request_close(self, code: CloseCode, why: str = "") -> None:
         """Ask the transport to close with ``code`` (the first request wins); ``why`` is for
@@ -355,10 +360,11 @@ class Session:
                 ref=ref,
                 pointer="/room",
             )
+        limit = self._hub.room_updates.limit
         if room in self.joined:
-            members = await self._broker.members(room)
+            page = await self._broker.members_page(room, limit)
             if room in self.joined:  # not left while the broker answered
-                self.send(self._joined(room, members, ref))
+                self.send(self._joined(room, page, ref))
             return
         try:
             await self._hub.acquire(room)
@@ -366,7 +372,7 @@ class Session:
             raise _unavailable("the room cannot be joined just now", ref) from None
         try:
             first = await self._broker.presence_add(room, self.member, self.conn_id)
-            members = await self._broker.members(room)
+            page = await self._broker.members_page(room, limit)
         except BaseException as error:
             # Failing or cancelled (client gone) after presence_add, the join would leave this
             # connection recorded and the user listed in the room for ever: undo it (removing
@@ -379,20 +385,31 @@ class Session:
         # No await between attach and the reply: `joined` precedes the room's traffic.
         self.joined.add(room)
         self._hub.attach(room, self)
-        self.send(self._joined(room, members, ref))
+        self.send(self._joined(room, page, ref))
         if first:
-            await self._announce(room, "join")
+            await self._announce(room, "join", page.total)
 
-    def _joined(self, room: str, members: list[Member], ref: str | None) -> Frame:
+    def _joined(self, room: str, page: MemberPage, ref: str | None) -> Frame:
         """The ``joined`` reply: the member list, or ``unchanged`` when this connection was
-        last sent the same one for this room (presence frames have kept it up to date)."""
-        fingerprint = hash(tuple(members))
+        last sent the same one for this room (presence frames have kept it up to date).
+
+        In a large room the list is the broker's page, with this user in it, and the frame
+        says so (``members_truncated``) and how many users there are (``member_count``)."""
+        members = page.members
+        truncated = page.truncated
+        if truncated and all(member.id != self.user_id for member in members):
+            mine = (*members[: len(members) - 1], self.member)
+            members = tuple(sorted(mine, key=lambda member: member.id))
+        fingerprint = hash((members, page.total if truncated else None))
         frame: Frame = {"type": "joined", "room": room}
         if self._members_sent.get(room) == fingerprint:
             frame["unchanged"] = True
         else:
             self._members_sent[room] = fingerprint
             frame["members"] = [{"id": m.id, "name": m.name} for m in members]
+            if truncated:
+                frame["member_count"] = page.total
+                frame["members_truncated"] = True
         return self._with_ref(frame, ref)
 
     async def _leave(self, room: str, ref: str | None) -> None:
@@ -420,11 +437,23 @@ class Session:
         finally:
             await self._hub.release(room)
 
-    async def _announce(self, room: str, event: str) -> None:
-        """Tell the room this user entered or left; lost, not raised, when the broker is down
-        (the member list, read at each join, stays right)."""
+    async def _announce(self, room: str, event: str, count: int | None = None) -> None:
+        """Tell the room this user entered or left (or was renamed: ``join``); lost, not
+        raised, when the broker is down (the member list, read at each join, stays right).
+
+        In a room of ``count`` users (counted when not given) that is large, nobody is told
+        now: the hub's room updates tell everyone the count within a second. A leave always
+        marks the room for an update, so one that is small again gets its list back."""
+        updates = self._hub.room_updates
+        if event == "leave":
+            updates.changed(room)
         try:
-            await self._broker.publish(presence_envelope(room, event, self.member))
+            if count is None:
+                count = await self._broker.member_count(room)
+            if updates.is_large(count):
+                updates.changed(room)
+            else:
+                await self._broker.publish(presence_envelope(room, event, self.member))
         except BrokerUnavailable:
             log.warning("presence not announced", extra={"conn_id": self.conn_id, "room": room})
 

@@ -304,6 +304,8 @@ def create_blueprint(services: Services) -> Blueprint:
             control = (websocket.scope.get("extensions") or {}).get(TRANSPORT_EXTENSION)
             if isinstance(control, TransportControl):  # pings, pongs, fragments: metered too
                 control.frame_meter = session.meter_frame
+                if control.can_write:  # the fast path: frames straight to the transport
+                    session.outbox.attach(control)
             metrics.attempt("accepted")
             metrics.connection_opened()
             log.info(

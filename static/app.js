@@ -15,6 +15,8 @@
 //   #chat (hidden until signed in), #me[data-user-id], #signout, #reconnect (shown after a "stop" close)
 //   #rooms > li > button.room[data-room][data-joined=true|false][aria-current=true on the active room]
 //   #current-room[data-room], #leave-room, #members > li[data-user-id], #member-count, #typing
+//   #members > li.members-more (no data-user-id): only in a large room, whose list is a sample: "and N more",
+//                    N being #member-count (the room's users, from the server's member_count) less those listed
 //   #messages (role=log, aria-live=polite) > li.msg[data-room][data-user-id][data-own=true|false]
 //                    [data-status=pending|sent|failed][data-ref (own messages)][data-id (once acknowledged)]
 //                    children .msg-from, time.msg-time, .msg-status ("sending…", "not sent"), .msg-text
@@ -66,6 +68,12 @@ export function checkOutgoing(frameText, message, limits = DEFAULT_LIMITS) {
   const bytes = new TextEncoder().encode(frameText).length;
   if (bytes > limits.max_message_bytes) return `Message too long (${bytes} of ${limits.max_message_bytes} bytes)`;
   return null;
+}
+
+/** The line under a large room's sample list: "and N more" when `total` users outnumber the `shown` ones. */
+export function moreMembersText(total, shown) {
+  const more = Number.isInteger(total) && Number.isInteger(shown) ? total - shown : 0;
+  return more > 0 ? `and ${more} more` : "";
 }
 
 export function typingText(names) {
@@ -193,7 +201,8 @@ function startApp() {
       btn.dataset.room = name;
       const item = node("li");
       item.append(btn);
-      r = { name, joined: false, members: new Map(), typing: new Map(), log: [], btn, item };
+      // count: the room's size while it is large (its members list is then a sample), else null.
+      r = { name, joined: false, members: new Map(), count: null, typing: new Map(), log: [], btn, item };
       S.rooms.set(name, r);
     }
     return r;
@@ -219,13 +228,17 @@ function startApp() {
   function renderMembers() {
     const r = S.active ? room(S.active) : null;
     const users = r ? [...r.members.values()].sort((a, b) => String(a.name).localeCompare(String(b.name))) : [];
-    ui.members.replaceChildren(...users.map((u) => {
+    const items = users.map((u) => {
       const me = u.id === S.user?.id;
       const li = node("li", me ? "member member--me" : "member", me ? `${u.name} (you)` : u.name);
       li.dataset.userId = u.id;
       return li;
-    }));
-    ui.memberCount.textContent = String(users.length);
+    });
+    const total = r?.count ?? users.length;
+    const more = moreMembersText(total, users.length);
+    if (more) items.push(node("li", "members-more", more));
+    ui.members.replaceChildren(...items);
+    ui.memberCount.textContent = String(total);
   }
   function renderTyping() {
     const r = S.active ? S.rooms.get(S.active) : null;
@@ -315,7 +328,7 @@ function startApp() {
     // Refused before welcome (e.g. 401 after a dev server restart): fetch a dev token again first.
     [S.ws, S.staleToken, S.typingRoom] = [null, !S.welcomed, null];
     clear("stable", "ping", "pong", "typingIdle");
-    for (const r of S.rooms.values()) { r.joined = false; r.members.clear(); clearTyping(r); }
+    for (const r of S.rooms.values()) { [r.joined, r.count] = [false, null]; r.members.clear(); clearTyping(r); }
     renderRooms(); renderMembers();
     if (!S.token) return setConn("disconnected");
     const action = closeAction(code);
@@ -423,8 +436,12 @@ function startApp() {
     joined(f) {
       const r = room(f.room);
       r.joined = true;
-      // A repeated join of a room may answer `unchanged`: the list presence frames kept is current.
-      if (f.unchanged !== true) r.members = new Map((Array.isArray(f.members) ? f.members : []).map((u) => [u.id, u]));
+      // A repeated join of a room may answer `unchanged`: the list presence frames kept is current. A large
+      // room's list is a sample (members_truncated), with the room's size in member_count.
+      if (f.unchanged !== true) {
+        r.members = new Map((Array.isArray(f.members) ? f.members : []).map((u) => [u.id, u]));
+        r.count = f.members_truncated === true && Number.isInteger(f.member_count) ? f.member_count : null;
+      }
       S.wanted.add(f.room);
       saveRooms();
       for (const [ref, p] of S.pending) {
@@ -438,7 +455,7 @@ function startApp() {
     },
     left(f) {
       const r = room(f.room);
-      r.joined = false;
+      [r.joined, r.count] = [false, null];
       r.members.clear();
       clearTyping(r);
       S.wanted.delete(f.room);
@@ -460,6 +477,13 @@ function startApp() {
       if (!f.user) return;
       if (f.event === "join") r.members.set(f.user.id, f.user);
       else if (f.event === "leave") { r.members.delete(f.user.id); clearTyping(r, f.user.id); }
+      if (f.room === S.active) renderMembers();
+    },
+    room(f) { // a large room's size, coalesced; with `members` when it is small again: the whole list
+      const r = room(f.room);
+      if (!r.joined || !Number.isInteger(f.member_count)) return;
+      if (Array.isArray(f.members)) [r.members, r.count] = [new Map(f.members.map((u) => [u.id, u])), null];
+      else r.count = f.member_count;
       if (f.room === S.active) renderMembers();
     },
     typing(f) {

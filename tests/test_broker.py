@@ -14,7 +14,15 @@ from typing import Any
 import orjson
 import pytest
 
-from gateway.broker import Broker, Envelope, Member, MemoryBroker, create_broker
+from gateway.broker import (
+    Broker,
+    Envelope,
+    Member,
+    MemberPage,
+    MemoryBroker,
+    RoomUpdate,
+    create_broker,
+)
 from tests.helpers import make_settings, timeout
 from tests.redis_server import RedisServer
 
@@ -189,6 +197,114 @@ async def test_members_with_unicode_and_lookalike_ids(broker: Broker) -> None:
     assert await broker.members("r") == [b, a]
 
 
+# --- large rooms: a bounded page, a count, updates decided once --------------------------
+
+
+def users(n: int) -> list[Member]:
+    return [Member(f"u{i:03}", f"User {i}") for i in range(n)]
+
+
+async def test_a_page_of_a_room_within_the_limit_is_the_whole_list(broker: Broker) -> None:
+    await broker.presence_add("r", CAROL, "c3")
+    await broker.presence_add("r", ALICE, "c1")
+    await broker.presence_add("r", BOB, "c2")
+    await broker.presence_add("r", ALICE, "c4")
+    whole = MemberPage((ALICE, BOB, CAROL), 3)
+    assert await broker.members_page("r", 3) == await broker.members_page("r", 100) == whole
+    assert not whole.truncated
+    assert await broker.members_page("empty", 1) == MemberPage((), 0)
+
+
+async def test_a_page_of_a_larger_room_is_bounded_sorted_and_counts_everyone(
+    broker: Broker,
+) -> None:
+    everyone = users(60)
+    for member in everyone:
+        await broker.presence_add("r", member, "c1")
+        await broker.presence_add("r", member, "c2")  # users, not connections
+    page = await broker.members_page("r", 7)
+    assert (len(page.members), page.total, page.truncated) == (7, 60, True)
+    assert list(page.members) == sorted(page.members, key=lambda m: m.id)
+    assert set(page.members) <= set(everyone)
+    assert len(set(page.members)) == 7
+    assert await broker.member_count("r") == 60
+    assert await broker.member_count("empty") == 0
+    with pytest.raises(ValueError, match="at least one"):
+        await broker.members_page("r", 0)
+
+
+async def tell(broker: Broker, room: str, limit: int) -> RoomUpdate | None:
+    """What the hub does for a room it marked: the update due, published (None if none)."""
+    update = await broker.room_update(room, limit)
+    if update is None:
+        return None
+    assert await broker.publish_room_update(room, update, Envelope(room, "update")) is True
+    return update
+
+
+async def test_a_large_room_is_told_each_new_count_once_then_its_list_when_small(
+    broker: Broker, inbox: Inbox
+) -> None:
+    await broker.subscribe("r")
+    for member in users(2):
+        await broker.presence_add("r", member, "c")
+    assert await tell(broker, "r", 2) is None  # never large: nothing to tell
+    for member in users(4)[2:]:
+        await broker.presence_add("r", member, "c")
+    assert await tell(broker, "r", 2) == RoomUpdate(4)
+    assert await tell(broker, "r", 2) is None  # told already
+    await broker.presence_remove("r", "u003", "c")
+    await broker.presence_add("r", Member("u003", "Again"), "c")
+    assert await tell(broker, "r", 2) is None  # one left, one came: the same count
+    await broker.presence_remove("r", "u003", "c")
+    assert await tell(broker, "r", 2) == RoomUpdate(3)
+    await broker.presence_remove("r", "u002", "c")
+    small = await tell(broker, "r", 2)
+    assert small == RoomUpdate(2, tuple(users(2)))  # small again: the whole list, once
+    assert await tell(broker, "r", 2) is None
+    await broker.presence_remove("r", "u001", "c")
+    assert await tell(broker, "r", 2) is None
+    await inbox.wait_for(3)
+    assert inbox.payloads("r") == ["update"] * 3  # published with each update told
+
+
+async def test_an_update_overtaken_by_a_change_or_told_already_is_not_published(
+    broker: Broker, inbox: Inbox
+) -> None:
+    await broker.subscribe("r")
+    for member in users(3):
+        await broker.presence_add("r", member, "c")
+    stale = await broker.room_update("r", 1)
+    assert stale == RoomUpdate(3)
+    await broker.presence_add("r", CAROL, "c")
+    fresh = await broker.room_update("r", 1)
+    assert fresh == RoomUpdate(4)
+    assert await broker.publish_room_update("r", stale, Envelope("r", "3")) is False
+    assert await broker.publish_room_update("r", fresh, Envelope("r", "4")) is True
+    assert await broker.publish_room_update("r", fresh, Envelope("r", "4 again")) is False
+    await broker.presence_remove("r", CAROL.id, "c")
+    for member in users(3)[1:]:
+        await broker.presence_remove("r", member.id, "c")
+    small = await broker.room_update("r", 1)
+    assert small == RoomUpdate(1, tuple(users(1)))
+    assert await broker.publish_room_update("r", small, Envelope("r", "1")) is True
+    assert await broker.publish_room_update("r", small, Envelope("r", "1 again")) is False
+    await broker.subscribe("marker")
+    await broker.publish(Envelope("marker", "end"))
+    await inbox.wait_for(3)
+    assert inbox.payloads() == ["4", "1", "end"]
+
+
+async def test_what_was_told_goes_with_the_rooms_last_user(broker: Broker) -> None:
+    for member in users(3):
+        await broker.presence_add("r", member, "c")
+    assert await tell(broker, "r", 1) == RoomUpdate(3)
+    for member in users(3):
+        await broker.presence_remove("r", member.id, "c")
+    await broker.presence_add("r", ALICE, "c")
+    assert await tell(broker, "r", 1) is None  # a new room, never told it was large
+
+
 # --- fan-out -----------------------------------------------------------------------------
 
 
@@ -247,6 +363,24 @@ async def test_memory_state_returns_to_empty_after_everyone_leaves() -> None:
     assert broker.subscribed_rooms == 0
     assert broker._presence == {}
     await broker.close()
+
+
+async def test_memory_page_of_a_large_room_is_the_first_users_in() -> None:
+    broker = MemoryBroker()
+    await broker.start(Inbox())
+    everyone = users(10)
+    for member in reversed(everyone):
+        await broker.presence_add("r", member, "c")
+    page = await broker.members_page("r", 3)
+    assert page == MemberPage((everyone[7], everyone[8], everyone[9]), 10)  # sorted by id
+    await broker.presence_remove("r", everyone[8].id, "c")  # gone: the next one in takes its place
+    assert await broker.members_page("r", 3) == MemberPage(
+        (everyone[6], everyone[7], everyone[9]), 9
+    )
+    await tell(broker, "r", 3)
+    for member in everyone:
+        await broker.presence_remove("r", member.id, "c")
+    assert (broker._presence, broker._told) == ({}, {})
 
 
 async def test_memory_failed_removals_create_no_state() -> None:

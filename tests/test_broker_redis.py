@@ -23,14 +23,14 @@ import pytest
 import redis.asyncio
 import trustme
 
-from gateway.broker import Envelope, Member
+from gateway.broker import Envelope, Member, MemberPage, RoomUpdate
 from gateway.broker.redis import RedisBroker
 from gateway.broker.wire import INSTANCE_BYTES, WINDOW_BACK_MS, Opener, Rejected, Sealer, channel
 from gateway.errors import BrokerUnavailable
 from gateway.settings import redact_url
 from tests.helpers import make_settings, timeout
 from tests.redis_server import RedisServer, tls_files
-from tests.test_broker import ALICE, BOB, CAROL, Inbox, ids_of, numbered
+from tests.test_broker import ALICE, BOB, CAROL, Inbox, ids_of, numbered, tell
 
 DAVE = Member("u-dave", "Dave")
 
@@ -339,6 +339,85 @@ async def test_close_removes_this_instances_presence_and_announces_who_left(
         await a.broker.publish(Envelope("r", "x"))
 
 
+# --- large rooms ---------------------------------------------------------------------------
+
+
+async def test_a_room_update_is_published_by_one_instance_only(
+    redis_server: RedisServer, gateways: StartGateway
+) -> None:
+    a, b = await gateways(redis_server.url), await gateways(redis_server.url)
+    for gateway in (a, b):
+        await gateway.broker.subscribe("r")
+    for member, gateway in ((ALICE, a), (BOB, b), (CAROL, a)):
+        await gateway.broker.presence_add("r", member, "c")
+    both = [await g.broker.room_update("r", 2) for g in (a, b)]
+    assert both == [RoomUpdate(3)] * 2  # both instances saw the change and ask
+    published = await asyncio.gather(
+        *(g.broker.publish_room_update("r", RoomUpdate(3), Envelope("r", "3")) for g in (a, b))
+    )
+    assert sorted(published) == [False, True]  # one of them tells the room
+    await b.broker.presence_remove("r", BOB.id, "c")
+    small = await a.broker.room_update("r", 2)
+    assert small == RoomUpdate(2, (ALICE, CAROL))
+    assert await a.broker.publish_room_update("r", small, Envelope("r", "small")) is True
+    assert await b.broker.room_update("r", 2) is None
+    for gateway in (a, b):
+        await gateway.inbox.wait_for(2)
+        assert len(gateway.inbox.payloads("r")) == 2
+        assert gateway.inbox.payloads("r")[1] == "small"
+
+
+async def test_a_page_of_a_big_room_costs_the_page_and_the_count(
+    redis_server: RedisServer, gateways: StartGateway, raw: redis.asyncio.Redis
+) -> None:
+    a = await gateways(redis_server.url)
+    everyone = [Member(f"u{i:04}", f"User {i}") for i in range(1000)]
+    await asyncio.gather(*(a.broker.presence_add("big", m, "c") for m in everyone))
+    assert await raw.object("encoding", "gateway:room:{big}:names") == b"hashtable"
+    pages = [await a.broker.members_page("big", 20) for _ in range(3)]
+    for page in pages:
+        assert (len(page.members), page.total) == (20, 1000)
+        assert set(page.members) <= set(everyone)
+    assert len({page.members for page in pages}) > 1  # random pages: nobody is always shown
+    assert await a.broker.member_count("big") == 1000
+
+
+async def test_pages_and_updates_prune_a_dead_instances_users_first(
+    redis_server: RedisServer, gateways: StartGateway
+) -> None:
+    doomed, b = await gateways(redis_server.url), await gateways(redis_server.url)
+    for room in ("paged", "updated"):  # b is not subscribed: its heartbeat leaves them be
+        for member in (ALICE, CAROL, DAVE):
+            await doomed.broker.presence_add(room, member, "d")
+        await b.broker.presence_add(room, BOB, "b")
+        assert await tell(b.broker, room, 1) == RoomUpdate(4)
+    await abandon(doomed.broker)
+    await asyncio.sleep(TTL + 0.2)
+    assert await b.broker.members_page("paged", 1) == MemberPage((BOB,), 1)
+    assert await b.broker.room_update("updated", 1) == RoomUpdate(1, (BOB,))
+    gone = [("paged", m) for m in (ALICE, CAROL, DAVE)] + [
+        ("updated", m) for m in (ALICE, CAROL, DAVE)
+    ]
+    assert sorted(b.left, key=lambda left: (left[0], left[1].id)) == gone
+
+
+async def test_what_a_room_was_told_lives_with_its_presence_and_goes_with_it(
+    redis_server: RedisServer, gateways: StartGateway, raw: redis.asyncio.Redis
+) -> None:
+    a = await gateways(redis_server.url)
+    told = "gateway:room:{r}:told"
+    for member in (ALICE, BOB):
+        await a.broker.presence_add("r", member, "a")
+    assert await tell(a.broker, "r", 1) == RoomUpdate(2)
+    assert await raw.get(told) == b"2"
+    assert 0 < await raw.pttl(told) <= 3 * TTL * 1000
+    await asyncio.sleep(TTL / 2)  # two heartbeats: the key's expiry is refreshed with the rest
+    assert await raw.pttl(told) > 3 * TTL * 1000 - TTL / 4 * 1000 - 500
+    for member in (ALICE, BOB):
+        await a.broker.presence_remove("r", member.id, "a")
+    assert await raw.dbsize() == 0  # no presence key left, the told count included
+
+
 # --- outages -------------------------------------------------------------------------------
 
 
@@ -361,6 +440,10 @@ async def test_redis_restarted_empty_mid_stream(
         lambda: a.broker.presence_add("lobby", DAVE, "a3"),
         lambda: a.broker.presence_remove("lobby", CAROL.id, "a2"),  # forgotten here all the same
         lambda: a.broker.members("lobby"),
+        lambda: a.broker.members_page("lobby", 1),
+        lambda: a.broker.member_count("lobby"),
+        lambda: a.broker.room_update("lobby", 1),
+        lambda: a.broker.publish_room_update("lobby", RoomUpdate(9), Envelope("lobby", "9")),
         lambda: a.broker.subscribe("asked-while-down"),  # refused and forgotten
     ]
     for call in down:

@@ -6,13 +6,14 @@ from __future__ import annotations
 import asyncio
 from dataclasses import dataclass, field
 
+import orjson
 import pytest
 
 from gateway.auth import mint_token
-from gateway.broker import Envelope, Member, MemoryBroker
+from gateway.broker import Envelope, Member, MemoryBroker, RoomUpdate
 from gateway.errors import BrokerUnavailable
-from gateway.hub import Hub
-from gateway.outbox import Outgoing
+from gateway.hub import DEFAULT_PRESENCE_MAX_MEMBERS, Hub
+from gateway.outbox import Outgoing, Put
 from gateway.protocol import encode
 from tests.test_session import ALICE, BOB, NOW_MS, World, drain, send
 
@@ -42,8 +43,9 @@ class Recipient:
     user_id: str
     received: list[str] = field(default_factory=list)
 
-    def deliver(self, item: Outgoing) -> None:
+    def deliver(self, item: Outgoing) -> Put:
         self.received.append(item.text)
+        return Put.QUEUED
 
 
 async def test_the_broker_is_subscribed_once_while_any_holder_remains() -> None:
@@ -109,10 +111,11 @@ async def test_a_member_detached_during_delivery_does_not_break_it() -> None:
     b = Recipient("c2", "bob")
 
     class Detacher(Recipient):
-        def deliver(self, item: Outgoing) -> None:
-            super().deliver(item)
+        def deliver(self, item: Outgoing) -> Put:
+            put = super().deliver(item)
             hub.detach("r", self)  # e.g. its outbox overflowed and it is leaving
             hub.detach("r", b)
+            return put
 
     a = Detacher("c1", "alice")
     hub.attach("r", a)
@@ -356,3 +359,115 @@ async def test_a_refresh_that_renames_updates_the_member_lists(world: World) -> 
 
 
 CAROL = {"id": "carol", "name": "Carol"}
+
+
+# -- large rooms: coalesced room updates ----------------------------------------------------
+
+
+class UpdateCountingBroker(MemoryBroker):
+    """Counts room_update calls; fails them while ``down``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.asked: list[str] = []
+        self.down = False
+
+    async def room_update(self, room: str, limit: int) -> RoomUpdate | None:
+        self.asked.append(room)
+        if self.down:
+            raise BrokerUnavailable("redis is down")
+        return await super().room_update(room, limit)
+
+
+async def test_room_updates_are_asked_for_once_per_interval_however_many_changes() -> None:
+    broker = UpdateCountingBroker()
+    hub = Hub(broker, presence_max_members=1, room_update_seconds=0.05)
+    inbox = Recipient("c1", "alice")
+    await hub.start()
+    await broker.subscribe("r")
+    hub.attach("r", inbox)
+    for user in ("alice", "bob", "carol"):
+        await broker.presence_add("r", Member(user, user.title()), f"{user}-1")
+        for _ in range(100):
+            hub.room_updates.changed("r")
+    hub.room_updates.changed("other")
+    assert broker.asked == []  # not at once: coalesced
+    await asyncio.sleep(0.2)
+    assert broker.asked == ["other", "r"]  # one flush for every change
+    assert inbox.received == ['{"type":"room","room":"r","member_count":3}']
+    await hub.close()
+
+
+async def test_a_flush_that_finds_the_broker_down_asks_again_later() -> None:
+    broker = UpdateCountingBroker()
+    hub = Hub(broker, presence_max_members=1, room_update_seconds=0.05)
+    await hub.start()
+    for user in ("alice", "bob"):
+        await broker.presence_add("r", Member(user, user.title()), f"{user}-1")
+    broker.down = True
+    hub.room_updates.changed("r")
+    await asyncio.sleep(0.08)
+    assert broker.asked == ["r"]
+    broker.down = False
+    await asyncio.sleep(0.1)
+    assert broker.asked == ["r", "r"]
+    assert await broker.room_update("r", 1) is None  # the second flush told the room
+    await hub.close()
+
+
+async def test_a_closed_hub_publishes_no_more_updates() -> None:
+    broker = UpdateCountingBroker()
+    hub = Hub(broker, presence_max_members=1, room_update_seconds=0.05)
+    await hub.start()
+    hub.room_updates.changed("r")
+    await hub.close()
+    hub.room_updates.changed("r")
+    await asyncio.sleep(0.1)
+    assert broker.asked == []
+    await hub.close()  # twice: nothing more
+
+
+async def test_a_flush_after_the_broker_closed_is_dropped_quietly() -> None:
+    broker = UpdateCountingBroker()
+    hub = Hub(broker, presence_max_members=1)
+    await hub.start()
+    for user in ("alice", "bob"):
+        await broker.presence_add("r", Member(user, user.title()), f"{user}-1")
+    await broker.subscribe("r")
+    await broker.close()  # the gateway is stopping, and the hub was not closed first
+    hub.room_updates.changed("r")
+    await hub.room_updates.flush()  # publish() raises RuntimeError: nothing escapes
+    assert broker.asked == ["r"]
+
+
+def test_a_room_is_large_above_at_least_one_member() -> None:
+    with pytest.raises(ValueError, match="at least 1"):
+        Hub(MemoryBroker(), presence_max_members=0)
+    assert Hub(MemoryBroker(), presence_max_members=1).room_updates.is_large(2)
+    assert not Hub(MemoryBroker()).room_updates.is_large(DEFAULT_PRESENCE_MAX_MEMBERS)
+
+
+async def test_users_of_a_dead_instance_leave_a_large_room_in_one_update() -> None:
+    """What a shared broker's prune reports (member_left), as a session's leave would be."""
+    broker = MemoryBroker()
+    hub = Hub(broker, presence_max_members=2, room_update_seconds=3600)
+    bob = Recipient("b1", "bob")
+    await hub.start()
+    await broker.subscribe("r")
+    hub.attach("r", bob)
+    users = [Member(f"u{i}", f"User {i}") for i in range(4)]
+    for member in users:
+        await broker.presence_add("r", member, f"{member.id}-1")
+    hub.room_updates.changed("r")
+    await hub.room_updates.flush()
+    for member in users[:2]:  # gone with their instance: 3 users stay, then 2
+        await broker.presence_remove("r", member.id, f"{member.id}-1")
+        await hub._member_left("r", member)
+    await hub.room_updates.flush()
+    u1, u2, u3 = ({"id": m.id, "name": m.name} for m in users[1:])
+    assert [orjson.loads(text) for text in bob.received] == [
+        {"type": "room", "room": "r", "member_count": 4},
+        # u0 left a large room (3 stay): no presence. u1 left a small one (2 stay): presence.
+        {"type": "presence", "event": "leave", "room": "r", "user": u1},
+        {"type": "room", "room": "r", "member_count": 2, "members": [u2, u3]},
+    ]

@@ -5,15 +5,20 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Awaitable, Callable
+from importlib.metadata import version
 from typing import Any, cast
 
+from hypercorn.asyncio.tcp_server import TCPServer
 from hypercorn.config import Config
 from hypercorn.protocol.events import Data, Event, Request, StreamClosed
+from hypercorn.protocol.h11 import H11Protocol
+from hypercorn.protocol.ws_stream import WSStream
 from wsproto.connection import Connection, ConnectionType
+from wsproto.events import CloseConnection, Ping, Pong, TextMessage
 from wsproto.events import Event as WSEvent
-from wsproto.events import Ping, Pong, TextMessage
 
 from gateway.hypercorn_fixes import TRANSPORT_EXTENSION, GatewayWSStream
+from gateway.outbox import Offer
 from gateway.ratelimit import Verdict
 from tests.helpers import timeout
 
@@ -136,3 +141,25 @@ async def test_input_for_an_app_that_has_ended_never_blocks_the_stream() -> None
         await reader
         await h.stream.handle(StreamClosed(stream_id=1))
     assert h.stream.closed
+
+
+def test_written_for_the_hypercorn_and_wsproto_it_reaches_into() -> None:
+    # gateway/hypercorn_fixes.py subclasses Hypercorn 0.18's stream, protocol and TCP server,
+    # overrides private methods and writes to the transport below them: an upgrade must be a
+    # decision, with every fix reviewed (the e2e tests prove each on a real socket).
+    assert version("hypercorn").startswith("0.18."), version("hypercorn")
+    assert version("wsproto").startswith("1."), version("wsproto")
+    for name in ("_handle_events", "_send_wsproto_event", "_send_pings", "app_send", "handle"):
+        assert callable(getattr(WSStream, name)), name
+    assert callable(TCPServer._close) and callable(H11Protocol._check_protocol)
+
+
+async def test_the_control_writes_only_while_the_websocket_is_open() -> None:
+    h = Harness()
+    control = h.stream.control
+    assert control.offer(b"\x81\x00") is Offer.CLOSED  # no server here, and not accepted yet
+    await h.open()
+    assert control.open is True  # accepted
+    await h.stream.handle(h.frames(CloseConnection(code=1000)))  # the client closes
+    assert control.open is False
+    assert control.write(b"\x81\x00") is False

@@ -30,7 +30,7 @@ from gateway.metrics import (
     close_code_label,
     frame_kind,
 )
-from gateway.outbox import Outgoing
+from gateway.outbox import Outgoing, Put
 from gateway.protocol import CLIENT_TYPES, SERVER_TYPES, encode
 from gateway.ratelimit import Verdict
 from tests.helpers import timeout
@@ -289,8 +289,9 @@ async def test_every_recipient_gets_the_same_object() -> None:
             self.conn_id = conn_id
             self.user_id = conn_id
 
-        def deliver(self, item: Outgoing) -> None:
+        def deliver(self, item: Outgoing) -> Put:
             got.append(item)
+            return Put.QUEUED
 
     for n in range(100):
         hub.attach("r", Member(f"c{n}"))

@@ -164,6 +164,14 @@ VALID_SERVER: dict[str, list[dict[str, Any]]] = {
         {"type": "joined", "room": "lobby", "members": [ALICE, BOB], "ref": "j1"},
         {"type": "joined", "room": "lobby", "members": []},
         {"type": "joined", "room": "lobby", "unchanged": True, "ref": "j2"},
+        {
+            "type": "joined",
+            "room": "lobby",
+            "members": [ALICE, BOB],
+            "member_count": 12_345,
+            "members_truncated": True,
+            "ref": "j3",
+        },
     ],
     "left": [{"type": "left", "room": "lobby", "ref": "l1"}, {"type": "left", "room": "lobby"}],
     "chat": [
@@ -181,6 +189,11 @@ VALID_SERVER: dict[str, list[dict[str, Any]]] = {
     "presence": [
         {"type": "presence", "event": "join", "room": "lobby", "user": ALICE},
         {"type": "presence", "event": "leave", "room": "lobby", "user": ALICE},
+    ],
+    "room": [
+        {"type": "room", "room": "lobby", "member_count": 12_345},
+        {"type": "room", "room": "lobby", "member_count": 2, "members": [ALICE, BOB]},
+        {"type": "room", "room": "lobby", "member_count": 0, "members": []},
     ],
     "typing": [
         {"type": "typing", "room": "lobby", "user": BOB, "typing": True},
@@ -222,6 +235,7 @@ def _without(frame: dict[str, Any], field: str) -> dict[str, Any]:
 W, J, C = VALID_SERVER["welcome"][0], VALID_SERVER["joined"][0], VALID_SERVER["chat"][0]
 P, T, E = VALID_SERVER["presence"][0], VALID_SERVER["typing"][0], VALID_SERVER["error"][0]
 G, R, L = VALID_SERVER["pong"][0], VALID_SERVER["refreshed"][0], VALID_SERVER["left"][0]
+J_BIG, ROOM = VALID_SERVER["joined"][3], VALID_SERVER["room"][0]
 
 INVALID_SERVER: dict[str, list[dict[str, Any]]] = {
     "welcome": [
@@ -250,6 +264,13 @@ INVALID_SERVER: dict[str, list[dict[str, Any]]] = {
         _with(J, members=[{"id": "", "name": "x"}]),
         _with(J, room="lobby\n"),
         _with(J, ref=""),
+        _without(J_BIG, "member_count"),  # the sample and the count go together
+        _without(J_BIG, "members_truncated"),
+        _with(J_BIG, members_truncated=False),
+        _with(J_BIG, member_count=0),
+        _with(J_BIG, member_count=1.5),
+        _with(_without(J_BIG, "members"), unchanged=True),
+        _with(_without(J, "members"), unchanged=True, member_count=3),
     ],
     "left": [_without(L, "room"), _with(L, room=""), _with(L, ref="r" * 65), _with(L, members=[])],
     "chat": [
@@ -269,6 +290,16 @@ INVALID_SERVER: dict[str, list[dict[str, Any]]] = {
         _without(P, "user"),
         _with(P, ref="p"),
         _with(P, room="a b"),
+    ],
+    "room": [
+        _without(ROOM, "member_count"),
+        _with(ROOM, member_count=-1),
+        _with(ROOM, member_count="12"),
+        _with(ROOM, members=[ALICE, ALICE]),
+        _with(ROOM, members=[{"id": "u-1"}]),
+        _with(ROOM, members_truncated=True),
+        _with(ROOM, ref="r"),
+        _without(ROOM, "room"),
     ],
     "typing": [_with(T, typing=1), _without(T, "user"), _with(T, ref="t"), _with(T, typing=None)],
     "pong": [_without(G, "ts"), _with(G, ts="now"), _with(G, extra=1)],

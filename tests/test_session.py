@@ -18,7 +18,7 @@ import pytest
 from gateway.auth import TokenVerifier, mint_token
 from gateway.broker import Member, MemoryBroker
 from gateway.errors import CloseCode, ConnectionClosing
-from gateway.hub import Hub
+from gateway.hub import DEFAULT_PRESENCE_MAX_MEMBERS, Hub
 from gateway.metrics import Metrics
 from gateway.protocol import MAX_CHAT_CHARS, validate_server_frame
 from gateway.quotas import QuotaStore, UserMessageQuota
@@ -41,7 +41,8 @@ class World:
     memory unless given) and two fake clocks.
 
     The quota counts on ``limits``' own clock, not the fake ones, so a world opens it wide
-    unless ``overrides`` set ``GATEWAY_USER_MESSAGE_RATE``.
+    unless ``overrides`` set ``GATEWAY_USER_MESSAGE_RATE``. Large rooms' updates are never
+    due by themselves (an hour): a test flushes them (``world.hub.room_updates.flush()``).
     """
 
     def __init__(
@@ -49,6 +50,7 @@ class World:
         overrides: Mapping[str, str] | None = None,
         broker: MemoryBroker | None = None,
         quota: UserMessageQuota | None = None,
+        presence_max_members: int = DEFAULT_PRESENCE_MAX_MEMBERS,
     ) -> None:
         self.settings = make_settings(
             {
@@ -58,7 +60,9 @@ class World:
             }
         )
         self.broker = broker or MemoryBroker()
-        self.hub = Hub(self.broker)
+        self.hub = Hub(
+            self.broker, presence_max_members=presence_max_members, room_update_seconds=3600
+        )
         self.policy = RoomPolicy(self.settings.open_rooms)
         self.wall_seconds = NOW_SECONDS
         self.monotonic_seconds = 0.0
@@ -471,3 +475,138 @@ async def test_a_repeated_join_sends_the_member_list_only_when_it_changed(world:
     # After a leave, a join is a first join again: the whole list.
     await send(alice, type="leave", room="lobby")
     assert (await send(alice, type="join", room="lobby"))[0]["members"] == [ALICE, BOB]
+
+
+# -- large rooms: a sample in joined, no presence per user, coalesced room updates -------------
+
+CAROL = {"id": "carol", "name": "Carol"}
+DAVE = {"id": "dave", "name": "Dave"}
+
+
+def room(count: int, members: list[dict[str, str]] | None = None) -> Frame:
+    frame: Frame = {"type": "room", "room": "lobby", "member_count": count}
+    if members is not None:
+        frame["members"] = members
+    return frame
+
+
+async def test_up_to_the_limit_joins_are_announced_as_before_and_no_update_comes() -> None:
+    world = await World(presence_max_members=3).start()
+    alice, bob, carol = await world.sessions("alice", "bob", "carol")
+    assert await send(alice, type="join", room="lobby") == [
+        {"type": "joined", "room": "lobby", "members": [ALICE]}
+    ]
+    await send(bob, type="join", room="lobby")
+    assert await send(carol, type="join", room="lobby") == [
+        {"type": "joined", "room": "lobby", "members": [ALICE, BOB, CAROL]}
+    ]
+    presence = {"type": "presence", "event": "join", "room": "lobby"}
+    assert await drain(alice) == [{**presence, "user": BOB}, {**presence, "user": CAROL}]
+    assert await drain(bob) == [{**presence, "user": CAROL}]
+    await world.hub.room_updates.flush()
+    assert [await drain(s) for s in (alice, bob, carol)] == [[], [], []]
+    await send(carol, type="leave", room="lobby")
+    await world.hub.room_updates.flush()  # a leave asks, and a room never large gets nothing
+    assert await drain(alice) == [
+        {"type": "presence", "event": "leave", "room": "lobby", "user": CAROL}
+    ]
+
+
+async def test_above_the_limit_a_join_is_told_by_one_room_update_not_to_each_member() -> None:
+    world = await World(presence_max_members=2).start()
+    alice, bob, carol, dave = await world.sessions("alice", "bob", "carol", "dave")
+    for s in (alice, bob):
+        await send(s, type="join", room="lobby")
+    await drain(alice)
+    # The third user makes the room large: a sample of the limit, with her in it, and the count.
+    assert await send(carol, type="join", room="lobby", ref="j") == [
+        {
+            "type": "joined",
+            "room": "lobby",
+            "members": [ALICE, CAROL],
+            "member_count": 3,
+            "members_truncated": True,
+            "ref": "j",
+        }
+    ]
+    assert (await drain(alice), await drain(bob)) == ([], [])  # no presence frame
+    [joined] = await send(dave, type="join", room="lobby")
+    assert (joined["members"], joined["member_count"]) == ([ALICE, DAVE], 4)
+    assert (await drain(alice), await drain(carol)) == ([], [])
+    await world.hub.room_updates.flush()  # what the hub does once a second
+    for s in (alice, bob, carol, dave):
+        assert await drain(s) == [room(4)]  # one update for the two joins
+    await world.hub.room_updates.flush()
+    assert await drain(alice) == []  # nothing changed since
+
+
+async def test_leaves_above_the_limit_are_coalesced_and_a_room_small_again_gets_its_list() -> None:
+    world = await World(presence_max_members=2).start()
+    alice, bob, carol, dave = await world.sessions("alice", "bob", "carol", "dave")
+    for s in (alice, bob, carol, dave):
+        await send(s, type="join", room="lobby")
+    await world.hub.room_updates.flush()
+    for s in (alice, bob, carol, dave):
+        await drain(s)
+    await send(dave, type="leave", room="lobby")
+    assert await drain(alice) == []  # 3 users: still large
+    await world.hub.room_updates.flush()
+    assert await drain(alice) == await drain(bob) == [room(3)]
+    await carol.close()  # 2 users: small again, so presence as before, then the whole list
+    leave = {"type": "presence", "event": "leave", "room": "lobby", "user": CAROL}
+    assert await drain(alice) == await drain(bob) == [leave]
+    await world.hub.room_updates.flush()
+    assert await drain(alice) == await drain(bob) == [room(2, [ALICE, BOB])]
+    await send(bob, type="leave", room="lobby")
+    await world.hub.room_updates.flush()  # small, and told so already: presence only
+    assert await drain(alice) == [{**leave, "user": BOB}]
+
+
+async def test_a_repeated_join_in_a_large_room_sends_the_sample_when_it_or_the_count_changed() -> (
+    None
+):
+    world = await World(presence_max_members=1).start()
+    alice, bob, carol = await world.sessions("alice", "bob", "carol")
+    for s in (alice, bob):
+        await send(s, type="join", room="lobby")
+    again = await send(bob, type="join", room="lobby", ref="2")
+    assert again == [{"type": "joined", "room": "lobby", "unchanged": True, "ref": "2"}]
+    await send(carol, type="join", room="lobby")
+    [joined] = await send(bob, type="join", room="lobby")  # the count changed: 3
+    assert (joined["members"], joined["member_count"]) == ([BOB], 3)
+
+
+async def test_a_rename_in_a_large_room_is_not_announced_to_everyone() -> None:
+    world = await World(presence_max_members=1).start()
+    alice, bob = await world.sessions("alice", "bob")
+    for s in (alice, bob):
+        await send(s, type="join", room="lobby")
+    await world.hub.room_updates.flush()
+    await drain(bob)
+    token = mint_token(world.settings, sub="alice", name="Alice B.", now=world.wall_seconds)
+    await send(alice, type="refresh", token=token)
+    await world.hub.room_updates.flush()
+    assert await drain(bob) == []  # the count did not change: nothing to tell
+    assert Member("alice", "Alice B.") in await world.broker.members("lobby")
+
+
+async def test_n_users_entering_one_room_cost_o_n_frames_not_n_squared() -> None:
+    n, limit = 200, 10
+    world = await World(presence_max_members=limit).start()
+    sessions = await world.sessions(*(f"user{i:03}" for i in range(n)))
+    received = 0
+    for s in sessions:
+        await s.handle_frame('{"type":"join","room":"lobby"}')
+        if s is sessions[n // 2]:
+            await world.hub.room_updates.flush()  # a second went by halfway
+    await world.hub.room_updates.flush()
+    frames = {kind: 0 for kind in ("joined", "presence", "room")}
+    for s in sessions:
+        for frame in await drain(s):
+            frames[frame["type"]] += 1
+            received += 1
+            if frame["type"] == "joined":
+                assert len(frame["members"]) <= limit
+    # The first `limit` joins are a small room's: each is told to everyone already there.
+    assert frames == {"joined": n, "presence": limit * (limit - 1) // 2, "room": n // 2 + 1 + n}
+    assert received < 5 * n  # it was n * (n - 1) / 2 = 19,900 presence frames

@@ -11,7 +11,16 @@ import importlib
 from typing import cast
 from urllib.parse import urlsplit
 
-from gateway.broker.base import Broker, BrokerObserver, Deliver, Envelope, Member, MemberLeft
+from gateway.broker.base import (
+    Broker,
+    BrokerObserver,
+    Deliver,
+    Envelope,
+    Member,
+    MemberLeft,
+    MemberPage,
+    RoomUpdate,
+)
 from gateway.broker.memory import MemoryBroker
 from gateway.settings import Settings
 
@@ -22,7 +31,9 @@ __all__ = [
     "Envelope",
     "Member",
     "MemberLeft",
+    "MemberPage",
     "MemoryBroker",
+    "RoomUpdate",
     "create_broker",
 ]
 

@@ -4,6 +4,12 @@ A broker carries :class:`Envelope` s to every instance subscribed to a room, num
 chat messages as it publishes them (one order per room, across instances), and keeps the room's
 presence (who is in it, over every instance). Nothing above this interface assumes a single
 process.
+
+A large room costs no more per join than a small one: :meth:`Broker.members_page` lists at
+most a given number of users and :meth:`Broker.member_count` counts them in O(1);
+:meth:`Broker.room_update` says when a large room's members are due to be told its size, and
+:meth:`Broker.publish_room_update` tells them, once over every instance and in the order of the
+changes (docs/protocol.md, Large rooms).
 """
 
 from __future__ import annotations
@@ -23,6 +29,8 @@ __all__ = [
     "Envelope",
     "Member",
     "MemberLeft",
+    "MemberPage",
+    "RoomUpdate",
 ]
 
 #: Why a broker drops a message that arrived on one of its channels (a metric label):
@@ -39,6 +47,39 @@ class Member:
 
     id: str
     name: str
+
+
+@dataclass(frozen=True, slots=True)
+class MemberPage:
+    """At most a given number of a room's users, and how many it has.
+
+    Attributes:
+        members: when ``total`` is at most the number asked for, every user of the room; else
+            that many of them, whichever the broker finds cheapest. Sorted by id, one per user.
+        total: how many users the room has.
+    """
+
+    members: tuple[Member, ...]
+    total: int
+
+    @property
+    def truncated(self) -> bool:
+        """Whether ``members`` leaves users out (the room has more than were asked for)."""
+        return self.total > len(self.members)
+
+
+@dataclass(frozen=True, slots=True)
+class RoomUpdate:
+    """What a large room's members are to be told of it (the ``room`` frame).
+
+    Attributes:
+        member_count: how many users the room has.
+        members: None while the room is large; when it has just become small again (at most
+            the limit), every user in it, sorted by id: their lists are whole again.
+    """
+
+    member_count: int
+    members: tuple[Member, ...] | None = None
 
 
 _OPTIONAL_FIELDS = ("skip_user", "echo_conn", "echo_payload")
@@ -256,6 +297,42 @@ class Broker(abc.ABC):
     @abc.abstractmethod
     async def members(self, room: str) -> list[Member]:
         """The users present in ``room``, one entry per user, sorted by id."""
+
+    @abc.abstractmethod
+    async def members_page(self, room: str, limit: int) -> MemberPage:
+        """At most ``limit`` (at least 1) of the users present in ``room``, and how many there
+        are; in time and memory bounded by ``limit``, not by the room. When the room has at
+        most ``limit`` users, the page is :meth:`members`."""
+
+    @abc.abstractmethod
+    async def member_count(self, room: str) -> int:
+        """How many users are present in ``room``, in O(1)."""
+
+    @abc.abstractmethod
+    async def room_update(self, room: str, limit: int) -> RoomUpdate | None:
+        """The update due to ``room``'s members now, if any (nothing is recorded: see
+        :meth:`publish_room_update`). In time bounded by ``limit``.
+
+        A room of more than ``limit`` users is large: an update is due when its count differs
+        from the last update told (or none was). A room of at most ``limit`` users is due one
+        update, with its whole member list, when the last update told of a large room; then
+        none until it is large again.
+
+        Returns:
+            The update, or None when there is nothing to tell.
+        """
+
+    @abc.abstractmethod
+    async def publish_room_update(self, room: str, update: RoomUpdate, envelope: Envelope) -> bool:
+        """Publish ``envelope`` (``update`` as a frame) and record ``update`` as told, as one
+        step, if it is still due: the room has ``update.member_count`` users and no instance
+        told that since :meth:`room_update` answered. So each update is told once over every
+        instance, and updates arrive in the order of the counts they tell.
+
+        Returns:
+            True when published; False when the room changed or was told meanwhile (ask
+            :meth:`room_update` again later).
+        """
 
     @abc.abstractmethod
     async def healthy(self) -> bool:

@@ -5,13 +5,25 @@ connection leaves, and a subscription when the hub unsubscribes. The chat id cou
 the exception: they stay, one int per room ever chatted in, so ids never restart at 1 while
 the process lives (clients may use them to drop duplicates). Rooms are those the policy
 allows, so the set is bounded by configuration and token grants, not by clients.
+
+A room's users are a dict in the order they entered: a page of a large room is its first
+``limit`` users (O(limit), and the same page until they leave), its count the dict's length.
 """
 
 from __future__ import annotations
 
+import itertools
 import logging
 
-from gateway.broker.base import Broker, Deliver, Envelope, Member, MemberLeft
+from gateway.broker.base import (
+    Broker,
+    Deliver,
+    Envelope,
+    Member,
+    MemberLeft,
+    MemberPage,
+    RoomUpdate,
+)
 
 __all__ = ["MemoryBroker"]
 
@@ -36,6 +48,8 @@ class MemoryBroker(Broker):
         self._subscribed: set[str] = set()
         self._ids: dict[str, int] = {}
         self._presence: dict[str, dict[str, _Presence]] = {}  # room -> user id -> presence
+        #: Per large room, the count its last update told (see room_update); gone with the room.
+        self._told: dict[str, int] = {}
 
     @property
     def presence_rooms(self) -> int:
@@ -113,11 +127,63 @@ class MemoryBroker(Broker):
         del users[user_id]
         if not users:
             del self._presence[room]
+            self._told.pop(room, None)
         return True
 
     async def members(self, room: str) -> list[Member]:
         users = self._presence.get(room, {})
         return [users[user_id].member for user_id in sorted(users)]
+
+    async def members_page(self, room: str, limit: int) -> MemberPage:
+        """See :meth:`Broker.members_page`: in a large room, the first ``limit`` users to
+        have entered it.
+
+        Raises:
+            ValueError: when ``limit`` is below 1.
+        """
+        if limit < 1:
+            raise ValueError("a page holds at least one member")
+        users = self._presence.get(room, {})
+        if len(users) <= limit:
+            return MemberPage(tuple(await self.members(room)), len(users))
+        first = [presence.member for presence in itertools.islice(users.values(), limit)]
+        return MemberPage(tuple(sorted(first, key=lambda member: member.id)), len(users))
+
+    async def member_count(self, room: str) -> int:
+        return len(self._presence.get(room, ()))
+
+    async def room_update(self, room: str, limit: int) -> RoomUpdate | None:
+        """See :meth:`Broker.room_update`."""
+        count = len(self._presence.get(room, ()))
+        told = self._told.get(room)
+        if count > limit:
+            return None if told == count else RoomUpdate(count)
+        if told is None:
+            return None
+        return RoomUpdate(count, tuple(await self.members(room)))
+
+    async def publish_room_update(self, room: str, update: RoomUpdate, envelope: Envelope) -> bool:
+        """See :meth:`Broker.publish_room_update`; no await before the decision.
+
+        Raises:
+            RuntimeError: when the broker is not started (or closed).
+        """
+        if self._deliver is None:
+            raise RuntimeError("the broker is not started")
+        count = len(self._presence.get(room, ()))
+        told = self._told.get(room)
+        if count != update.member_count:
+            return False
+        if update.members is None:  # large: told this count
+            if told == count:
+                return False
+            self._told[room] = count
+        else:  # small again: told the list, and nothing more until large again
+            if told is None:
+                return False
+            del self._told[room]
+        await self.publish(envelope)
+        return True
 
     async def healthy(self) -> bool:
         return self._deliver is not None

@@ -22,7 +22,9 @@ start) and expires :attr:`Settings.presence_ttl_seconds` after its last refresh
 re-creating any that are missing (Redis restarted empty) without announcing joins, then prunes
 the expired entries of the rooms this instance subscribes to: each user whose last entry a
 prune removed leaves through ``member_left``; the prune is one script, so only one instance
-gets each user. :meth:`RedisBroker.members` prunes first too.
+gets each user. :meth:`RedisBroker.members` prunes first too, and so do
+:meth:`RedisBroker.members_page` and :meth:`RedisBroker.room_update`, which cost Redis O(limit)
+whatever the room's size (a count and a random page; the count last told is a key of the room).
 
 **Outages.** Every command is bounded (:data:`COMMAND_TIMEOUT_SECONDS`), and while the listener
 knows Redis is unreachable, calls raise :class:`~gateway.errors.BrokerUnavailable` at once.
@@ -65,7 +67,16 @@ from redis.commands.core import AsyncScript
 from redis.exceptions import RedisError
 
 from gateway.broker import scripts
-from gateway.broker.base import Broker, BrokerObserver, Deliver, Envelope, Member, MemberLeft
+from gateway.broker.base import (
+    Broker,
+    BrokerObserver,
+    Deliver,
+    Envelope,
+    Member,
+    MemberLeft,
+    MemberPage,
+    RoomUpdate,
+)
 from gateway.broker.wire import Opener, Rejected, Sealer, channel, room_of_channel
 from gateway.errors import BrokerUnavailable
 from gateway.settings import Settings, redact_url
@@ -132,6 +143,11 @@ def _decode(data: bytes) -> str:
 def _members(flat: Sequence[bytes]) -> list[Member]:
     """Members from a script's ``user, name, user, name ...``."""
     return [Member(_decode(flat[i]), _decode(flat[i + 1])) for i in range(0, len(flat) - 1, 2)]
+
+
+def _by_id(flat: Sequence[bytes]) -> tuple[Member, ...]:
+    """Members from a script's ``user, name ...``, sorted by id."""
+    return tuple(sorted(_members(flat), key=lambda member: member.id))
 
 
 def _batches(items: Sequence[T], size: int = _BATCH) -> Iterator[Sequence[T]]:
@@ -280,6 +296,9 @@ class RedisBroker(Broker):
         self._add = self._client.register_script(scripts.PRESENCE_ADD)
         self._remove = self._client.register_script(scripts.PRESENCE_REMOVE)
         self._prune = self._client.register_script(scripts.PRESENCE_PRUNE)
+        self._page = self._client.register_script(scripts.MEMBERS_PAGE)
+        self._room_update = self._client.register_script(scripts.ROOM_UPDATE)
+        self._room_publish = self._client.register_script(scripts.ROOM_PUBLISH)
 
         self._deliver: Deliver | None = None
         self._member_left: MemberLeft | None = None
@@ -508,6 +527,75 @@ class RedisBroker(Broker):
         )
         await self._announce_left(room, _members(gone))
         return sorted(_members(names), key=lambda member: member.id)
+
+    async def members_page(self, room: str, limit: int) -> MemberPage:
+        """See :meth:`Broker.members_page`: in a large room, ``limit`` users at random
+        (``HRANDFIELD``); expired entries pruned first, as :meth:`members` does.
+
+        Raises:
+            BrokerUnavailable: when Redis cannot be reached.
+            ValueError: when ``limit`` is below 1.
+        """
+        channel(room)
+        if limit < 1:
+            raise ValueError("a page holds at least one member")
+        gone, count, names = await self._run(
+            "list members",
+            self._page(keys=scripts.presence_keys(room), args=[_PRUNE_LIMIT, limit]),
+        )
+        await self._announce_left(room, _members(gone))
+        return MemberPage(_by_id(names), int(count))
+
+    async def member_count(self, room: str) -> int:
+        """See :meth:`Broker.member_count` (``HLEN``; expired entries count until pruned).
+
+        Raises:
+            BrokerUnavailable: when Redis cannot be reached.
+        """
+        channel(room)
+        users = scripts.presence_keys(room)[1]
+        return int(await self._run("count members", self._client.hlen(users)))
+
+    async def room_update(self, room: str, limit: int) -> RoomUpdate | None:
+        """See :meth:`Broker.room_update`; expired entries pruned first.
+
+        Raises:
+            BrokerUnavailable: when Redis cannot be reached.
+        """
+        channel(room)
+        gone, count, kind, *names = await self._run(
+            "update a room",
+            self._room_update(keys=scripts.presence_keys(room), args=[_PRUNE_LIMIT, limit]),
+        )
+        await self._announce_left(room, _members(gone))
+        if kind == 1:
+            return RoomUpdate(int(count))
+        if kind == 2:
+            return RoomUpdate(int(count), _by_id(names[0]))
+        return None
+
+    async def publish_room_update(self, room: str, update: RoomUpdate, envelope: Envelope) -> bool:
+        """See :meth:`Broker.publish_room_update`: one script checks, records and publishes,
+        so Redis publishes a room's updates in the order of the changes they tell.
+
+        Raises:
+            BrokerUnavailable: as :meth:`publish`.
+            ValueError: as :meth:`publish`.
+        """
+        data = self._sealer.seal(envelope)
+        name = channel(room)
+        kind = 1 if update.members is None else 2
+        started = time.perf_counter()
+        published = await self._run(
+            "publish",
+            self._room_publish(
+                keys=scripts.presence_keys(room),
+                args=[kind, update.member_count, name, data, self._key_ttl_ms],
+            ),
+        )
+        if published:
+            self._observer.broker_published(time.perf_counter() - started)
+        return bool(published)
 
     async def _announce_left(self, room: str, gone: list[Member]) -> None:
         """Users a prune or close removed for good leave through ``member_left``."""

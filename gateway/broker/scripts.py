@@ -9,19 +9,28 @@ Keys of a room (``{room}`` is a hash tag: a room's keys would share a Redis Clus
   time (Redis's clock, ms) it expires unless its instance's heartbeat refreshes it.
 - ``gateway:room:{<room>}:users``, a hash: user id -> how many entries the user has.
 - ``gateway:room:{<room>}:names``, a hash: user id -> the name last recorded for the user.
+- ``gateway:room:{<room>}:told``, a string, only while the room is large: the member count the
+  last ``room`` update told (:data:`ROOM_PUBLISH`); deleted with the room's last user.
 
-The three presence keys (:func:`presence_keys`, in that order: ``KEYS[1..3]`` of the presence
+The presence keys (:func:`presence_keys`, in that order: ``KEYS[1..4]`` of the presence
 scripts) carry an expiry that every write refreshes, so a room nobody refreshes any more
 disappears. Scores and expiries use Redis's clock (``TIME``), never the instances'.
+
+A large room costs each script O(limit), not O(users): the count is ``HLEN`` of the users, a
+page is ``HRANDFIELD`` with a count; only a room of at most ``limit`` users is read whole
+(``HGETALL``). Expired entries are pruned at most ``ARGV[1]`` per script.
 """
 
 from __future__ import annotations
 
 __all__ = [
+    "MEMBERS_PAGE",
     "PRESENCE_ADD",
     "PRESENCE_PRUNE",
     "PRESENCE_REMOVE",
     "PUBLISH_NUMBERED",
+    "ROOM_PUBLISH",
+    "ROOM_UPDATE",
     "conn_entry",
     "counter_key",
     "presence_keys",
@@ -38,8 +47,9 @@ def counter_key(room: str) -> str:
 
 
 def presence_keys(room: str) -> list[str]:
-    """``room``'s presence keys: connections, user counts, names (the scripts' ``KEYS``)."""
-    return [_key(room, "conns"), _key(room, "users"), _key(room, "names")]
+    """``room``'s presence keys: connections, user counts, names, the count last told (the
+    scripts' ``KEYS``)."""
+    return [_key(room, "conns"), _key(room, "users"), _key(room, "names"), _key(room, "told")]
 
 
 def conn_entry(user_id: bytes, instance: bytes, conn_id: bytes) -> bytes:
@@ -50,8 +60,9 @@ def conn_entry(user_id: bytes, instance: bytes, conn_id: bytes) -> bytes:
     return b"%d:%s%s:%s" % (len(user_id), user_id, instance, conn_id)
 
 
-#: Redis's clock in ms, and forgetting one connection entry: if it was its user's last, the
-#: user is forgotten too and ``user, name`` is added to ``gone``.
+#: Redis's clock in ms; forgetting one connection entry: if it was its user's last, the user
+#: is forgotten too and ``user, name`` is added to ``gone`` (and with the room's last user, the
+#: count last told); and forgetting at most ``limit`` expired entries, their users in ``gone``.
 _PRELUDE = """
 local function now_ms()
   local t = redis.call("TIME")
@@ -65,6 +76,21 @@ local function forget(entry, user, gone)
   gone[#gone + 1] = redis.call("HGET", KEYS[3], user) or ""
   redis.call("HDEL", KEYS[2], user)
   redis.call("HDEL", KEYS[3], user)
+  if redis.call("EXISTS", KEYS[2]) == 0 then redis.call("DEL", KEYS[4]) end
+end
+
+local function prune(limit, gone)
+  local now = string.format("%.0f", now_ms())
+  local expired = redis.call("ZRANGEBYSCORE", KEYS[1], "-inf", now, "LIMIT", 0, limit)
+  for _, entry in ipairs(expired) do
+    local colon = string.find(entry, ":", 1, true)
+    local size = colon and tonumber(string.sub(entry, 1, colon - 1))
+    if size then
+      forget(entry, string.sub(entry, colon + 1, colon + size), gone)
+    else
+      redis.call("ZREM", KEYS[1], entry)  -- not an entry of ours: never mind whose
+    end
+  end
 end
 """
 
@@ -107,7 +133,7 @@ for i = 4, #ARGV, 3 do
   end
   firsts[#firsts + 1] = first
 end
-for i = 1, 3 do redis.call("PEXPIRE", KEYS[i], ARGV[2]) end
+for i = 1, #KEYS do redis.call("PEXPIRE", KEYS[i], ARGV[2]) end
 return firsts
 """
 )
@@ -130,19 +156,64 @@ return gone
 PRESENCE_PRUNE = (
     _PRELUDE
     + """
-local now = string.format("%.0f", now_ms())
-local expired = redis.call("ZRANGEBYSCORE", KEYS[1], "-inf", now, "LIMIT", 0, ARGV[1])
 local gone = {}
-for _, entry in ipairs(expired) do
-  local colon = string.find(entry, ":", 1, true)
-  local size = colon and tonumber(string.sub(entry, 1, colon - 1))
-  if size then
-    forget(entry, string.sub(entry, colon + 1, colon + size), gone)
-  else
-    redis.call("ZREM", KEYS[1], entry)  -- not an entry of ours: never mind whose
-  end
-end
+prune(ARGV[1], gone)
 if ARGV[2] == "list" then return {gone, redis.call("HGETALL", KEYS[3])} end
 return {gone}
 """
 )
+
+#: ``ARGV``: at most how many expired entries to forget, at most how many users to list (at
+#: least 1). Prunes as :data:`PRESENCE_PRUNE`; returns ``{gone, count, names}``: ``count`` users
+#: are present, ``names`` holds ``user, name`` for every one of them when they are at most the
+#: limit, else for that many of them (random ones: ``HRANDFIELD`` costs O(limit)).
+MEMBERS_PAGE = (
+    _PRELUDE
+    + """
+local gone = {}
+prune(ARGV[1], gone)
+local count = redis.call("HLEN", KEYS[2])
+if count <= tonumber(ARGV[2]) then return {gone, count, redis.call("HGETALL", KEYS[3])} end
+return {gone, count, redis.call("HRANDFIELD", KEYS[3], ARGV[2], "WITHVALUES")}
+"""
+)
+
+#: ``ARGV``: at most how many expired entries to forget, the limit above which a room is large.
+#: Prunes as :data:`PRESENCE_PRUNE`, then says whether the room is due an update
+#: (``Broker.room_update``; nothing recorded): returns ``{gone, count, 0}`` when not,
+#: ``{gone, count, 1}`` for a large room whose count is not the one last told,
+#: ``{gone, count, 2, names}`` for a room at or under the limit whose last update told of a
+#: large one, ``names`` its whole list.
+ROOM_UPDATE = (
+    _PRELUDE
+    + """
+local gone = {}
+prune(ARGV[1], gone)
+local count = redis.call("HLEN", KEYS[2])
+local told = redis.call("GET", KEYS[4])
+if count > tonumber(ARGV[2]) then
+  if told == tostring(count) then return {gone, count, 0} end
+  return {gone, count, 1}
+end
+if not told then return {gone, count, 0} end
+return {gone, count, 2, redis.call("HGETALL", KEYS[3])}
+"""
+)
+
+#: ``ARGV``: the update's kind (``1`` large, ``2`` small again, as :data:`ROOM_UPDATE` said),
+#: its count, the channel, the sealed envelope, the told key's expiry (ms). Publishes the
+#: envelope and records what it told, as one step, if the room still has that many users and
+#: nobody told it since; returns 1 when published, else 0.
+ROOM_PUBLISH = """
+if redis.call("HLEN", KEYS[2]) ~= tonumber(ARGV[2]) then return 0 end
+local told = redis.call("GET", KEYS[4])
+if ARGV[1] == "1" then
+  if told == ARGV[2] then return 0 end
+  redis.call("SET", KEYS[4], ARGV[2], "PX", ARGV[5])
+else
+  if not told then return 0 end
+  redis.call("DEL", KEYS[4])
+end
+redis.call("PUBLISH", ARGV[3], ARGV[4])
+return 1
+"""

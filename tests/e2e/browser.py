@@ -169,7 +169,12 @@ class ChatPage:
 
     @property
     def members(self) -> Locator:
-        return self.page.locator("#members > li")
+        return self.page.locator("#members > li[data-user-id]")
+
+    @property
+    def members_more(self) -> Locator:
+        """A large room's "and N more" line, under its sample of members."""
+        return self.page.locator("#members > li.members-more")
 
     @property
     def member_count(self) -> Locator:

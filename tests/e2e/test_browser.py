@@ -32,7 +32,7 @@ from tests.e2e.browser import (
     open_chat,
     wait_ms,
 )
-from tests.e2e.conftest import Gateway, StartGateway
+from tests.e2e.conftest import Client, Gateway, StartGateway
 from tests.helpers import timeout
 from tests.redis_server import RedisServer
 
@@ -234,6 +234,73 @@ async def test_two_windows_on_two_instances_meet_in_one_room(
         ids = [int(i) for i in await bob.messages.evaluate_all("ms => ms.map(m => m.dataset.id)")]
         assert ids == sorted(ids) and len(set(ids)) == 6
         assert (one.services.hub.members("lobby"), two.services.hub.members("lobby")) == (1, 1)
+
+
+async def test_a_large_room_shows_its_size_and_a_sample_of_its_members(
+    serve_pages: StartGateway, pages: Pages
+) -> None:
+    # Above GATEWAY_PRESENCE_MAX_MEMBERS users a room is large: the page lists a sample, says
+    # how many more there are, and follows the room's size through `room` frames.
+    async with serve_pages(GATEWAY_PRESENCE_MAX_MEMBERS="2") as gw:
+        others: dict[str, Client] = {}
+
+        async def enter(sub: str) -> None:
+            others[sub] = await gw.user(sub)
+            await others[sub].join("lobby")
+
+        async def leave(sub: str) -> None:
+            await others.pop(sub).close()
+
+        for sub in ("amy", "ben", "cat"):
+            await enter(sub)
+        zoe = await pages.open(gw.base_url)
+        await zoe.sign_in("zoe")
+        [joined] = zoe.frames_of("received", "joined")
+        assert (joined.data["member_count"], joined.data["members_truncated"]) == (4, True)
+        await expect(zoe.member_count).to_have_text("4")
+        await expect(zoe.members).to_have_count(2)  # the sample: the limit, zoe in it
+        await expect(zoe.members.filter(has_text="zoe (you)")).to_have_count(1)
+        await expect(zoe.members_more).to_have_text("and 2 more")
+
+        ARTIFACTS_DIR.mkdir(exist_ok=True)
+        shot = ARTIFACTS_DIR / "large-room.png"
+        await zoe.page.screenshot(path=str(shot))
+
+        await enter("dan")  # nobody is told of dan alone: the next room update says 5
+        await expect(zoe.member_count).to_have_text("5", timeout=wait_ms(3))
+        await expect(zoe.members_more).to_have_text("and 3 more")
+        assert zoe.frames_of("received", "presence") == []
+        for sub in ("cat", "dan"):
+            await leave(sub)
+        await expect(zoe.member_count).to_have_text("3", timeout=wait_ms(3))
+        await expect(zoe.members_more).to_have_text("and 1 more")
+
+        # Back at the limit: presence again, and the whole list in the last room update.
+        await leave("ben")
+        await expect(zoe.member_count).to_have_text("2", timeout=wait_ms(3))
+        await expect(zoe.members_more).to_have_count(0)
+        await expect(zoe.members).to_have_text(["Amy", "zoe (you)"])
+        small_again = [{"id": "amy", "name": "Amy"}, {"id": await zoe.user_id(), "name": "zoe"}]
+        await leave("amy")  # a small room's presence frames, as before
+        await expect(zoe.members).to_have_text(["zoe (you)"])
+        await enter("eve")
+        await expect(zoe.members).to_have_text(["Eve", "zoe (you)"])
+        await expect(zoe.member_count).to_have_text("2")
+        await enter("fay")  # large again: the list is a sample once more
+        await expect(zoe.member_count).to_have_text("3", timeout=wait_ms(3))
+        await expect(zoe.members_more).to_have_text("and 1 more")
+        assert len(zoe.frames_of("received", "presence")) == 3  # ben, amy, eve
+        updates = [f.data for f in zoe.frames_of("received", "room")]
+        # One a second at most, so changes in the same second come as one (4 may come alone,
+        # or with dan's 5): the sizes told, and the list back when the room was small again.
+        assert [u for u in updates if "members" in u] == [
+            {"type": "room", "room": "lobby", "member_count": 2, "members": small_again}
+        ]
+        counts = [u["member_count"] for u in updates]
+        assert set(counts) <= {3, 4, 5, 2} and {5, 3, 2} <= set(counts) and counts[-1] == 3
+        for sub in list(others):
+            await leave(sub)
+        zoe.assert_clean()
 
 
 # ---- 2. connection state ----
