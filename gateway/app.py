@@ -27,6 +27,7 @@ from gateway.broker import create_broker
 from gateway.connection import BoundedWebsocketConnection
 from gateway.errors import CloseCode
 from gateway.hub import Hub
+from gateway.load import LoadMonitor
 from gateway.metrics import Metrics
 from gateway.quotas import ConnectAttemptLimiter, QuotaStore, UserMessageQuota
 from gateway.rooms import RoomPolicy
@@ -74,6 +75,7 @@ def create_app(settings: Settings) -> Quart:
         ),
         quota=UserMessageQuota(settings.user_message_rate, store),
         metrics=metrics,
+        load=LoadMonitor(settings.overload_lag_ms / 1000, metrics),
     )
     sessions = services.sessions
     # On the metrics server's thread: list() of a dict's values is one step under the GIL.
@@ -84,12 +86,14 @@ def create_app(settings: Settings) -> Quart:
     @app.before_serving
     async def start() -> None:
         await services.hub.start()
+        services.load.start()
         await services.slots.start()
 
     @app.after_serving
     async def stop() -> None:
         # Connections still open leave their rooms through the broker: close them first.
         await drain(app)
+        services.load.close()
         await services.hub.close()
         await services.broker.close()
         await services.slots.close()

@@ -71,6 +71,20 @@ class ErrorCode(StrEnum):
     NOT_JOINED = "not_joined"
     RATE_LIMITED = "rate_limited"
     UNAVAILABLE = "unavailable"
+    OVERLOADED = "overloaded"
+
+
+#: The codes that blame the client's frame: repeated, they close the connection with 1008.
+#: rate_limited has its own window (4029); unavailable and overloaded are the server's state,
+#: never held against the client.
+CLIENT_FAULTS = frozenset(
+    {
+        ErrorCode.INVALID_JSON,
+        ErrorCode.INVALID_MESSAGE,
+        ErrorCode.FORBIDDEN_ROOM,
+        ErrorCode.NOT_JOINED,
+    }
+)
 
 
 class GatewayError(Exception):

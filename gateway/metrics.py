@@ -45,6 +45,7 @@ __all__ = [
     "LATENCY_BUCKETS_SECONDS",
     "OTHER",
     "REJECT_REASONS",
+    "SHED_TYPES",
     "Metrics",
     "MetricsServer",
     "close_code_label",
@@ -72,6 +73,9 @@ ATTEMPT_OUTCOMES = (
 #: an ``error`` reply; control is a ping, pong or fragment over the rate limit (a ping goes
 #: unanswered); user_rate is a message over the user's quota across all its connections.
 REJECT_REASONS = ("size", "json", "schema", "rate", "binary", "utf8", "control", "user_rate")
+
+#: ``type`` of ``gateway_messages_shed_total``: the messages refused or dropped under overload.
+SHED_TYPES = ("chat", "typing")
 
 #: ``kind`` of ``gateway_control_frames_total``: the frames the WebSocket layer handles without
 #: the frame pipeline (a fragment is a frame that does not end its message).
@@ -258,6 +262,34 @@ class Metrics:
             buckets=LATENCY_BUCKETS_SECONDS,
             registry=r,
         )
+        self.event_loop_lag = Gauge(
+            "gateway_event_loop_lag_seconds",
+            "How late the event loop runs a timer (smoothed: rises at once, falls by halves).",
+            registry=r,
+        )
+        self.overloaded = Gauge(
+            "gateway_overloaded",
+            "1 while the event loop lags more than GATEWAY_OVERLOAD_LAG_MS: new chats are "
+            "refused with a retryable 'overloaded' error, typing is dropped.",
+            registry=r,
+        )
+        shed = Counter(
+            "gateway_messages_shed_total",
+            "Client messages refused (chat) or dropped (typing) because the server was "
+            "overloaded, by type.",
+            ["type"],
+            registry=r,
+        )
+        self._shed = {kind: shed.labels(kind) for kind in SHED_TYPES}
+
+    def loop_lag(self, seconds: float, overloaded: bool) -> None:
+        """The event loop's smoothed lag and whether publishers are pushed back (gateway.load)."""
+        self.event_loop_lag.set(seconds)
+        self.overloaded.set(1 if overloaded else 0)
+
+    def shed(self, kind: str) -> None:
+        """A client message of ``kind`` (chat, typing) was refused because of overload."""
+        self._shed[kind].inc()
 
     def watch_queues(self, depths: Callable[[], Iterable[int]]) -> None:
         """Report the send queues' depths at each scrape (see :class:`_QueueDepths`)."""

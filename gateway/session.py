@@ -35,6 +35,7 @@ from typing import Any
 from gateway.auth import Principal, TokenVerifier
 from gateway.broker import Broker, Envelope, Member, MemberPage
 from gateway.errors import (
+    CLIENT_FAULTS,
     AuthError,
     BrokerUnavailable,
     CloseCode,
@@ -43,6 +44,7 @@ from gateway.errors import (
     MessageRejected,
 )
 from gateway.hub import Hub, presence_envelope
+from gateway.load import LoadMonitor
 from gateway.metrics import Metrics
 from gateway.outbox import Outbox, Outgoing, Put
 from gateway.protocol import MAX_CHAT_CHARS, decode, encode
@@ -111,6 +113,8 @@ class Session:
         metrics: where frames received and refused are counted.
         quota: the user's messages over all its connections, hit by each message the token
             bucket admits.
+        load: the process's load: while it is overloaded, chats are refused with a retryable
+            ``overloaded`` error and typing is dropped (None: never).
         clock: wall-clock time (timestamps, token expiry).
         monotonic: the token bucket's and the abuse windows' clock.
     """
@@ -128,6 +132,7 @@ class Session:
         verifier: TokenVerifier,
         metrics: Metrics,
         quota: UserMessageQuota,
+        load: LoadMonitor | None = None,
         clock: Callable[[], float] = time.time,
         monotonic: Callable[[], float] = time.monotonic,
     ) -> None:
@@ -141,6 +146,7 @@ class Session:
         self._broker = broker
         self._verifier = verifier
         self._quota = quota
+        self._load = load
         self._clock = clock
         self.outbox = Outbox(settings.send_queue_size, settings.send_queue_bytes, self._on_overflow)
         self.joined: set[str] = set()
@@ -299,7 +305,7 @@ class Session:
         if rejection.code is ErrorCode.RATE_LIMITED:
             if self._rate_abuse.record():
                 raise ConnectionClosing(CloseCode.RATE_ABUSE, "rate limit exceeded repeatedly")
-        elif self._invalid.record():
+        elif rejection.code in CLIENT_FAULTS and self._invalid.record():
             raise ConnectionClosing(CloseCode.POLICY_VIOLATION, f"repeated {rejection.code}")
         self.send(rejection.to_frame())
 
@@ -459,6 +465,15 @@ class Session:
 
     async def _chat(self, room: str, text: str, ref: str | None) -> None:
         self._require_joined(room, ref)
+        load = self._load
+        if load is not None and load.overloaded:
+            self.metrics.shed("chat")
+            raise MessageRejected(
+                ErrorCode.OVERLOADED,
+                "the server is busy; the message was not sent, send it again",
+                ref=ref,
+                retry_after_ms=load.retry_after_ms(),
+            )
         frame: Frame = {
             "type": "chat",
             "id": 0,  # a placeholder: the broker writes the room's next id there
@@ -486,6 +501,9 @@ class Session:
 
     async def _typing(self, room: str, typing: bool, ref: str | None) -> None:
         self._require_joined(room, ref)
+        if self._load is not None and self._load.overloaded:  # of the moment: dropped
+            self.metrics.shed("typing")
+            return
         frame = {"type": "typing", "room": room, "user": self.user, "typing": typing}
         # Typing is of the moment: while the broker is down it is dropped, not refused.
         with contextlib.suppress(BrokerUnavailable):

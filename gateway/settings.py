@@ -184,6 +184,7 @@ class Settings:
     redis_ca_file: Path | None = None
     presence_ttl_seconds: float = 20.0
     presence_max_members: int = 100
+    overload_lag_ms: int = 50
     user_message_rate: str = "20/second"
 
     dev_token_endpoint: bool = True
@@ -412,6 +413,7 @@ def load_settings(env: Mapping[str, str]) -> Settings:
         redis_ca_file=r.path("GATEWAY_REDIS_CA_FILE"),
         presence_ttl_seconds=r.number("GATEWAY_PRESENCE_TTL_SECONDS", 20.0, 3.0, 300.0),
         presence_max_members=r.integer("GATEWAY_PRESENCE_MAX_MEMBERS", 100, 1, 10_000),
+        overload_lag_ms=r.integer("GATEWAY_OVERLOAD_LAG_MS", 50, 0, 60_000),
         user_message_rate=user_message_rate,
         dev_token_endpoint=r.boolean("GATEWAY_DEV_TOKEN_ENDPOINT", not production),
         dev_token_ttl_seconds=r.integer("GATEWAY_DEV_TOKEN_TTL_SECONDS", 3600, 5, 86400),

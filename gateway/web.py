@@ -34,6 +34,7 @@ from gateway.connection import Socket, run_connection, transport_close_code
 from gateway.errors import AuthError, CloseCode, HandshakeRejected
 from gateway.hub import Hub
 from gateway.hypercorn_fixes import TRANSPORT_EXTENSION, TransportControl
+from gateway.load import LoadMonitor
 from gateway.metrics import Metrics
 from gateway.protocol import encode
 from gateway.quotas import ConnectAttemptLimiter, UserMessageQuota, address_key
@@ -106,6 +107,8 @@ class Services:
     #: Messages per user over all its connections (each session hits it).
     quota: UserMessageQuota
     metrics: Metrics
+    #: The event loop's lag: while it is overloaded, new chats are refused (gateway.load).
+    load: LoadMonitor
     sessions: dict[str, Session] = field(default_factory=dict)
     #: Set while no connection is open (shutdown waits on it).
     no_sessions: asyncio.Event = field(default_factory=asyncio.Event)
@@ -292,6 +295,7 @@ def create_blueprint(services: Services) -> Blueprint:
             verifier=services.verifier,
             metrics=metrics,
             quota=services.quota,
+            load=services.load,
         )
         started = time.monotonic()
         code: int | None = None

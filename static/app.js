@@ -83,6 +83,17 @@ export function typingText(names) {
   return `${names[0]}, ${names[1]} and ${names.length - 2} more are typing…`;
 }
 
+/** How many times a chat refused as `overloaded` is sent again before it shows "not sent". */
+export const OVERLOAD_RETRIES = 5;
+
+/** When to send again a chat refused with `frame` (an `overloaded` error) after `tries` tries: the server's
+ * `retry_after_ms` (1 s when absent or not a number, at most 30 s), or null once the tries are used up. */
+export function overloadRetryMs(frame, tries) {
+  if (frame?.code !== "overloaded" || !(tries < OVERLOAD_RETRIES)) return null;
+  const ms = frame.retry_after_ms;
+  return typeof ms === "number" && Number.isFinite(ms) && ms >= 0 ? Math.min(ms, 30_000) : 1000;
+}
+
 /** The human text of an `error` frame. */
 export function errorText(frame) {
   const seconds = Math.max(1, Math.ceil((Number(frame.retry_after_ms) || 1000) / 1000));
@@ -94,6 +105,7 @@ export function errorText(frame) {
     not_joined: "You are not in that room: join it first.",
     invalid_json: "The server could not read a message from this page.",
     unavailable: `The server could not pass that on just now — try again in ${seconds} s`,
+    overloaded: `The server is busy — sending again in ${seconds} s`,
   };
   return Object.hasOwn(texts, frame.code) ? texts[frame.code] : detail || "Something went wrong.";
 }
@@ -504,7 +516,17 @@ function startApp() {
     error(f) {
       notify(errorText(f), String(f.code ?? ""));
       if (!f.ref) return;
-      if (S.pending.has(f.ref)) failPending(f.ref);
+      const p = S.pending.get(f.ref);
+      const retryMs = p ? overloadRetryMs(f, p.tries ?? 0) : null;
+      if (p && retryMs !== null) { // a busy server: the chat stays pending ("sending…") and goes again, same ref
+        p.tries = (p.tries ?? 0) + 1;
+        const ref = f.ref;
+        setTimeout(() => {
+          const q = S.pending.get(ref);
+          if (!q || q.sentOn !== S.connId || !room(q.room).joined) return; // a reconnect resends it at its join
+          send({ type: "chat", room: q.room, message: q.message, ref });
+        }, retryMs);
+      } else if (p) failPending(f.ref);
       const joinRoomName = S.joinRefs.get(f.ref);
       if (joinRoomName && f.code === "forbidden_room") { S.wanted.delete(joinRoomName); saveRooms(); }
       S.joinRefs.delete(f.ref);

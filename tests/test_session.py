@@ -19,6 +19,7 @@ from gateway.auth import TokenVerifier, mint_token
 from gateway.broker import Member, MemoryBroker
 from gateway.errors import CloseCode, ConnectionClosing
 from gateway.hub import DEFAULT_PRESENCE_MAX_MEMBERS, Hub
+from gateway.load import LoadMonitor
 from gateway.metrics import Metrics
 from gateway.protocol import MAX_CHAT_CHARS, validate_server_frame
 from gateway.quotas import QuotaStore, UserMessageQuota
@@ -68,6 +69,8 @@ class World:
         self.monotonic_seconds = 0.0
         self.verifier = TokenVerifier(self.settings, clock=lambda: self.wall_seconds)
         self.metrics = Metrics(process=False)
+        #: Never sampled by a timer here: a test makes it overloaded with ``load.sample()``.
+        self.load = LoadMonitor(0.05, self.metrics, jitter=lambda: 0.5)
         self.quota = quota or UserMessageQuota(
             self.settings.user_message_rate, QuotaStore("memory://")
         )
@@ -100,6 +103,7 @@ class World:
             verifier=self.verifier,
             metrics=self.metrics,
             quota=self.quota,
+            load=self.load,
             clock=lambda: self.wall_seconds,
             monotonic=lambda: self.monotonic_seconds,
         )
