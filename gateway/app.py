@@ -27,6 +27,7 @@ from gateway.broker import create_broker
 from gateway.connection import BoundedWebsocketConnection
 from gateway.errors import CloseCode
 from gateway.hub import Hub
+from gateway.hypercorn_fixes import WriteCoalescing
 from gateway.load import LoadMonitor
 from gateway.metrics import Metrics
 from gateway.quotas import ConnectAttemptLimiter, QuotaStore, UserMessageQuota
@@ -75,7 +76,7 @@ def create_app(settings: Settings) -> Quart:
         ),
         quota=UserMessageQuota(settings.user_message_rate, store),
         metrics=metrics,
-        load=LoadMonitor(settings.overload_lag_ms / 1000, metrics),
+        load=LoadMonitor(settings.overload_lag_ms / 1000, [metrics, WriteCoalescing()]),
     )
     sessions = services.sessions
     # On the metrics server's thread: list() of a dict's values is one step under the GIL.

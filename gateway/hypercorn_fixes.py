@@ -67,6 +67,7 @@ import dataclasses
 import socket
 import ssl
 import struct
+import weakref
 from collections.abc import Callable
 from contextvars import ContextVar
 from io import BytesIO, StringIO
@@ -97,6 +98,7 @@ from gateway.ratelimit import Verdict
 
 __all__ = [
     "CLOSE_TIMEOUT_SECONDS",
+    "COALESCE_LAG_SECONDS",
     "SAFE_ACCESS_ATOMS",
     "SOCKET_CLOSE_TIMEOUT_SECONDS",
     "TRANSPORT_EXTENSION",
@@ -108,6 +110,7 @@ __all__ = [
     "GatewayWSStream",
     "SafeAccessLogger",
     "TransportControl",
+    "WriteCoalescing",
     "install",
 ]
 
@@ -125,6 +128,9 @@ WRITE_BUFFER_HIGH_BYTES = 64 * 1024
 #: The ASGI scope extension where the app finds its WebSocket's :class:`TransportControl`
 #: (a namespaced key, as the ASGI specification allows servers to add).
 TRANSPORT_EXTENSION = "gateway.transport"
+#: The event loop's sustained lag from which broadcasts' writes are coalesced (_Cork): a loop
+#: this late has frames from several publishers to hand each connection in one turn.
+COALESCE_LAG_SECONDS = 0.005
 #: RFC 6455 section 5: a frame that is not the last of its message.
 _FRAGMENT = "fragment"
 
@@ -154,6 +160,63 @@ class ByteCountingBuffer(WebsocketBuffer):
             raise FrameTooLargeError()
 
 
+class _Cork:
+    """The transports given frames in this turn of the event loop, written once at its end.
+
+    While :attr:`active` (the loop is busy: :class:`WriteCoalescing`), a broadcast hands each
+    recipient's :class:`TransportControl` its frame; the control holds it and joins this list,
+    and one callback, at the end of the turn, writes what each holds with one ``write`` (one
+    ``send`` system call). When several broadcasts reach a connection in one turn (publishers
+    whose frames arrived together: more of them the busier the server), they cost one system
+    call, not one each. While the loop keeps up, frames are written at once: holding a lone
+    frame for a turn would only add a turn of latency (and its cost) to every broadcast.
+    """
+
+    __slots__ = ("__weakref__", "_held", "_loop", "_scheduled", "active")
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self._loop = loop
+        self._held: list[TransportControl] = []
+        self._scheduled = False
+        self.active = False
+
+    def add(self, control: TransportControl) -> None:
+        self._held.append(control)
+        if not self._scheduled:
+            self._scheduled = True
+            self._loop.call_soon(self.flush)
+
+    def flush(self) -> None:
+        self._scheduled = False
+        held, self._held = self._held, []
+        for control in held:
+            control.flush()
+
+
+_CORKS: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, _Cork] = weakref.WeakKeyDictionary()
+
+
+def _cork() -> _Cork:
+    """The running loop's :class:`_Cork`."""
+    loop = asyncio.get_running_loop()
+    cork = _CORKS.get(loop)
+    if cork is None:
+        cork = _CORKS[loop] = _Cork(loop)
+    return cork
+
+
+class WriteCoalescing:
+    """Coalesces the broadcasts' writes while the event loop lags (a
+    :class:`gateway.load.LoadObserver`): on at :data:`COALESCE_LAG_SECONDS` of sustained lag,
+    off below it."""
+
+    def __init__(self, threshold_seconds: float = COALESCE_LAG_SECONDS) -> None:
+        self.threshold_seconds = threshold_seconds
+
+    def loop_lag(self, seconds: float, overloaded: bool) -> None:
+        _cork().active = seconds >= self.threshold_seconds
+
+
 class TransportControl:
     """What a WebSocket app may do beyond ASGI: meter the frames the server answers itself, and
     write whole frames straight to the transport (the fast path of a broadcast).
@@ -175,7 +238,16 @@ class TransportControl:
             nothing more is read from it.
     """
 
-    __slots__ = ("_server", "_stream", "_transport", "frame_meter", "open")
+    __slots__ = (
+        "_cork",
+        "_held",
+        "_held_bytes",
+        "_server",
+        "_stream",
+        "_transport",
+        "frame_meter",
+        "open",
+    )
 
     def __init__(
         self, stream: GatewayWSStream | None = None, server: GatewayTCPServer | None = None
@@ -184,6 +256,10 @@ class TransportControl:
         self._stream = stream
         self._server = server
         self._transport = server.writer.transport if server is not None else None
+        self._cork = _cork() if server is not None else None
+        #: Frames offered in this turn of the loop, written together at its end (_Cork).
+        self._held: list[bytes] | None = None
+        self._held_bytes = 0
         #: True from the accept until the WebSocket starts closing (a close frame either way,
         #: the stream or the app ending): data frames may be written only then. The stream
         #: keeps it, so a write costs no state lookups.
@@ -199,25 +275,58 @@ class TransportControl:
         return self._stream is not None and self._server is not None
 
     def write(self, frame: bytes) -> bool:
-        """Write one whole server frame now (a transport write never blocks); False, writing
-        nothing, when the WebSocket is no longer open."""
+        """Write one whole server frame now, after any held (a transport write never blocks);
+        False, writing nothing, when the WebSocket is no longer open."""
         transport = self._transport
         if not self.open or transport is None:
             return False
+        self.flush()
         transport.write(frame)
         return True
 
     def offer(self, frame: bytes) -> Offer:
-        """Write ``frame`` now unless the WebSocket is closing (CLOSED) or the transport's
-        buffer is at :data:`WRITE_BUFFER_HIGH_BYTES` (FULL: queue it): the hot path of a
-        broadcast, with no state lookups beyond a flag and the buffer's size."""
+        """Write ``frame`` now (while the loop is busy: at the end of this turn, with whatever
+        else this connection gets in it, :class:`_Cork`), unless the WebSocket is closing
+        (CLOSED) or the transport's buffer and what is held reach
+        :data:`WRITE_BUFFER_HIGH_BYTES` (FULL: queue it): the hot path of a broadcast, with no
+        state lookups beyond two flags and the buffer's size."""
         transport = self._transport
-        if not self.open or transport is None:
+        cork = self._cork
+        if not self.open or transport is None or cork is None:
             return Offer.CLOSED
-        if transport.get_write_buffer_size() >= WRITE_BUFFER_HIGH_BYTES:
+        held = self._held
+        if held is None:
+            if transport.get_write_buffer_size() >= WRITE_BUFFER_HIGH_BYTES:
+                return Offer.FULL
+            if not cork.active:
+                transport.write(frame)
+                return Offer.WRITTEN
+            self._held = [frame]
+            self._held_bytes = len(frame)
+            cork.add(self)
+            return Offer.WRITTEN
+        if self._held_bytes + transport.get_write_buffer_size() >= WRITE_BUFFER_HIGH_BYTES:
             return Offer.FULL
-        transport.write(frame)
+        held.append(frame)
+        self._held_bytes += len(frame)
         return Offer.WRITTEN
+
+    def flush(self) -> None:
+        """Write what this turn's offers left held, with one ``write``; dropped when the
+        transport is closing (the connection is lost: nobody would read it)."""
+        held = self._held
+        if held is None:
+            return
+        self._held = None
+        self._held_bytes = 0
+        transport = self._transport
+        if transport is not None and not transport.is_closing():
+            transport.write(held[0] if len(held) == 1 else b"".join(held))
+
+    def close(self) -> None:
+        """The WebSocket starts closing: what is held goes out first, then no more data."""
+        self.flush()
+        self.open = False
 
     async def drained(self) -> None:
         """Until the transport's buffer is back under its low-water mark.
@@ -255,7 +364,7 @@ class GatewayWSStream(WSStream):
     def _closing(self) -> None:
         """The WebSocket is closing: no more data frames; its TCP connection ends within
         CLOSE_TIMEOUT_SECONDS."""
-        self.control.open = False
+        self.control.close()
         if self._server is not None:
             self._server.close_within(CLOSE_TIMEOUT_SECONDS)
 

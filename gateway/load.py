@@ -23,7 +23,7 @@ import asyncio
 import logging
 import random
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Protocol
 
 __all__ = ["TICK_SECONDS", "LoadMonitor", "LoadObserver"]
@@ -50,7 +50,7 @@ class LoadMonitor:
     Args:
         threshold_seconds: lag above which the process is overloaded; 0 turns shedding off
             (the lag is still measured and reported).
-        observer: told the lag and the state at each tick (metrics).
+        observers: told the lag and the state at each tick (metrics, write coalescing).
         interval_seconds: the sampling period.
         clock: a monotonic clock.
         jitter: the random source of the retry advice (a fixed one in tests).
@@ -59,7 +59,7 @@ class LoadMonitor:
     def __init__(
         self,
         threshold_seconds: float,
-        observer: LoadObserver | None = None,
+        observers: Sequence[LoadObserver] = (),
         *,
         interval_seconds: float = TICK_SECONDS,
         clock: Callable[[], float] = time.monotonic,
@@ -68,7 +68,7 @@ class LoadMonitor:
         if threshold_seconds < 0 or interval_seconds <= 0:
             raise ValueError("the lag threshold must be at least 0 and the interval positive")
         self.threshold_seconds = threshold_seconds
-        self._observer = observer
+        self._observers = tuple(observers)
         self._interval = interval_seconds
         self._clock = clock
         self._jitter = jitter
@@ -113,8 +113,8 @@ class LoadMonitor:
                 "overloaded: new chats are refused" if overloaded else "no longer overloaded",
                 extra={"lag_ms": round(self.lag_seconds * 1000)},
             )
-        if self._observer is not None:
-            self._observer.loop_lag(self.lag_seconds, self.overloaded)
+        for observer in self._observers:
+            observer.loop_lag(self.lag_seconds, self.overloaded)
 
     def retry_after_ms(self) -> int:
         """When a refused publisher should try again: a few times the current lag, jittered

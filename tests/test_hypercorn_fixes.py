@@ -17,7 +17,14 @@ from wsproto.connection import Connection, ConnectionType
 from wsproto.events import CloseConnection, Ping, Pong, TextMessage
 from wsproto.events import Event as WSEvent
 
-from gateway.hypercorn_fixes import TRANSPORT_EXTENSION, GatewayWSStream
+from gateway.hypercorn_fixes import (
+    COALESCE_LAG_SECONDS,
+    TRANSPORT_EXTENSION,
+    WRITE_BUFFER_HIGH_BYTES,
+    GatewayWSStream,
+    TransportControl,
+    WriteCoalescing,
+)
 from gateway.outbox import Offer
 from gateway.ratelimit import Verdict
 from tests.helpers import timeout
@@ -163,3 +170,101 @@ async def test_the_control_writes_only_while_the_websocket_is_open() -> None:
     await h.stream.handle(h.frames(CloseConnection(code=1000)))  # the client closes
     assert control.open is False
     assert control.write(b"\x81\x00") is False
+
+
+class FakeTransport:
+    def __init__(self) -> None:
+        self.writes: list[bytes] = []
+        self.buffered = 0
+        self.closing = False
+
+    def write(self, data: bytes) -> None:
+        self.writes.append(data)
+
+    def get_write_buffer_size(self) -> int:
+        return self.buffered
+
+    def is_closing(self) -> bool:
+        return self.closing
+
+
+class FakeWriter:
+    def __init__(self, transport: FakeTransport) -> None:
+        self.transport = transport
+
+
+class FakeServer:
+    def __init__(self) -> None:
+        self.writer = FakeWriter(FakeTransport())
+
+
+def open_control() -> tuple[TransportControl, FakeTransport]:
+    server = FakeServer()
+    control = TransportControl(None, cast(Any, server))
+    control.open = True
+    return control, server.writer.transport
+
+
+def coalescing(active: bool) -> None:
+    """Tell the running loop's writes that the loop lags (or not), as the load monitor does."""
+    WriteCoalescing().loop_lag(COALESCE_LAG_SECONDS if active else 0.0, overloaded=False)
+
+
+async def test_while_the_loop_keeps_up_each_frame_is_written_at_once() -> None:
+    control, transport = open_control()
+    coalescing(False)
+    control.offer(b"1")
+    control.offer(b"2")
+    assert transport.writes == [b"1", b"2"]
+
+
+async def test_frames_offered_in_one_turn_of_a_busy_loop_go_out_in_one_write() -> None:
+    coalescing(True)
+    one, t1 = open_control()
+    two, t2 = open_control()
+    for n in range(3):
+        assert one.offer(b"A%d" % n) is Offer.WRITTEN
+    assert two.offer(b"B") is Offer.WRITTEN
+    assert t1.writes == [] and t2.writes == []  # held until the end of this turn
+    await asyncio.sleep(0)
+    assert t1.writes == [b"A0A1A2"]  # one system call for three broadcasts
+    assert t2.writes == [b"B"]
+    assert one.offer(b"C") is Offer.WRITTEN  # the next turn: a write of its own
+    await asyncio.sleep(0)
+    assert t1.writes == [b"A0A1A2", b"C"]
+    coalescing(False)  # the loop caught up: at once again
+    one.offer(b"D")
+    assert t1.writes == [b"A0A1A2", b"C", b"D"]
+
+
+async def test_held_frames_count_toward_the_buffer_limit() -> None:
+    control, transport = open_control()
+    coalescing(True)
+    transport.buffered = WRITE_BUFFER_HIGH_BYTES - 5
+    assert control.offer(b"x" * 6) is Offer.WRITTEN
+    assert control.offer(b"y" * 6) is Offer.FULL  # 6 held + the buffer reach the mark: queue it
+    await asyncio.sleep(0)
+    assert transport.writes == [b"x" * 6]
+
+
+async def test_what_is_held_goes_before_anything_written_after_it_and_before_a_close() -> None:
+    control, transport = open_control()
+    coalescing(True)
+    control.offer(b"1")
+    assert control.write(b"2") is True  # the writer's path: the held frame first
+    assert transport.writes == [b"1", b"2"]
+    control.offer(b"3")
+    control.close()  # the WebSocket starts closing: its data goes before the close frame
+    assert transport.writes == [b"1", b"2", b"3"]
+    assert control.offer(b"4") is Offer.CLOSED
+    await asyncio.sleep(0)
+    assert transport.writes == [b"1", b"2", b"3"]
+
+
+async def test_frames_held_for_a_lost_connection_are_dropped() -> None:
+    control, transport = open_control()
+    coalescing(True)
+    control.offer(b"1")
+    transport.closing = True
+    await asyncio.sleep(0)
+    assert transport.writes == []

@@ -44,7 +44,7 @@ def test_one_late_tick_is_a_pause_not_an_overload() -> None:
 
 def test_two_late_ticks_overload_and_on_time_ticks_end_it_by_halves() -> None:
     metrics = Metrics(process=False)
-    load = LoadMonitor(0.05, metrics)
+    load = LoadMonitor(0.05, [metrics])
     load.sample(0.0)
     assert not load.overloaded
     load.sample(0.3)
@@ -96,7 +96,7 @@ class Seen:
 
 async def test_a_blocked_loop_is_seen_by_the_timer_and_close_stops_it() -> None:
     seen = Seen()
-    load = LoadMonitor(0.05, seen, interval_seconds=0.01)
+    load = LoadMonitor(0.05, [seen], interval_seconds=0.01)
     load.start()
     load.start()  # idempotent: one timer
     began = time.monotonic()

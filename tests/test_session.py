@@ -70,7 +70,7 @@ class World:
         self.verifier = TokenVerifier(self.settings, clock=lambda: self.wall_seconds)
         self.metrics = Metrics(process=False)
         #: Never sampled by a timer here: a test makes it overloaded with ``load.sample()``.
-        self.load = LoadMonitor(0.05, self.metrics, jitter=lambda: 0.5)
+        self.load = LoadMonitor(0.05, [self.metrics], jitter=lambda: 0.5)
         self.quota = quota or UserMessageQuota(
             self.settings.user_message_rate, QuotaStore("memory://")
         )
