@@ -19,7 +19,6 @@ ASGI scope (:func:`transport_close_code`): Quart does not hand it to the handler
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import time
 from collections.abc import Awaitable, Callable, Mapping
@@ -31,6 +30,7 @@ from quart.asgi import ASGIWebsocketConnection
 from gateway.errors import CLOSE_REASONS, CloseCode, ConnectionClosing
 from gateway.hub import RECEIVED_MONOTONIC
 from gateway.hypercorn_fixes import CLOSE_TIMEOUT_SECONDS
+from gateway.primitives import LeanQueue
 from gateway.session import Session
 
 __all__ = [
@@ -59,7 +59,7 @@ class BoundedWebsocketConnection(ASGIWebsocketConnection):
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
-        self.queue = asyncio.Queue(maxsize=RECEIVE_QUEUE_FRAMES)
+        self.queue = cast(asyncio.Queue[Any], LeanQueue(maxsize=RECEIVE_QUEUE_FRAMES))
 
     async def handle_messages(self, receive: ASGIReceiveCallable) -> None:
         # Quart returns on websocket.disconnect and cancels the handler, dropping the code;
@@ -128,16 +128,41 @@ async def _write(socket: Socket, session: Session) -> None:
             metrics.written(item.kind, item.received_monotonic, time.monotonic())
 
 
-async def _watch_expiry(session: Session, clock: Callable[[], float]) -> None:
-    """Wait until the token expires; a refresh (later or sooner) makes it look again at once."""
-    while True:
-        session.expiry_changed.clear()
-        expires_at = session.expires_at
-        remaining = None if expires_at is None else expires_at - clock()
-        if remaining is not None and remaining <= 0:
-            raise ConnectionClosing(CloseCode.TOKEN_EXPIRED)
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(session.expiry_changed.wait(), remaining)
+class _ExpiryTimer:
+    """Closes the connection 4001 when its token expires: one timer, no task. A refresh (to a
+    later or a sooner expiry) makes it look again at once; on time, it looks at the clock
+    again before closing (a timer may fire early by the loop's clock resolution)."""
+
+    __slots__ = ("_clock", "_handle", "_session")
+
+    def __init__(self, session: Session, clock: Callable[[], float]) -> None:
+        self._session = session
+        self._clock = clock
+        self._handle: asyncio.Handle | None = None
+        session.on_expiry_changed = self.arm
+
+    def start(self) -> None:
+        """Look at the expiry in the next turn of the loop: after the connection's tasks took
+        their first step (a token that expired meanwhile still gets its welcome out)."""
+        self._handle = asyncio.get_running_loop().call_soon(self.arm)
+
+    def arm(self) -> None:
+        self.cancel()
+        expires_at = self._session.expires_at
+        if expires_at is None:
+            return
+        remaining = expires_at - self._clock()
+        if remaining <= 0:
+            self._session.request_close(
+                CloseCode.TOKEN_EXPIRED, CLOSE_REASONS[CloseCode.TOKEN_EXPIRED]
+            )
+        else:
+            self._handle = asyncio.get_running_loop().call_later(remaining, self.arm)
+
+    def cancel(self) -> None:
+        if self._handle is not None:
+            self._handle.cancel()
+            self._handle = None
 
 
 async def run_connection(
@@ -149,15 +174,21 @@ async def run_connection(
     ``finally`` because a client disconnect arrives here as ``CancelledError``.
     """
     session.send(session.welcome())
-    tasks = {
+    expiry = _ExpiryTimer(session, clock)
+    # Two tasks a connection, and the close request watched as a plain future: an idle
+    # connection's memory is mostly what its tasks and queues hold (docs/performance.md).
+    tasks: set[asyncio.Future[None]] = {
         asyncio.create_task(_read(socket, session), name="reader"),
         asyncio.create_task(_write(socket, session), name="writer"),
-        asyncio.create_task(_watch_expiry(session, clock), name="expiry"),
-        asyncio.create_task(session.close_requested.wait(), name="close-request"),
     }
+    expiry.start()
     try:
-        done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+        done, _ = await asyncio.wait(
+            {*tasks, session.close_requested.future()}, return_when=asyncio.FIRST_COMPLETED
+        )
     finally:
+        expiry.cancel()
+        session.on_expiry_changed = None
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
@@ -166,6 +197,8 @@ async def run_connection(
     if session.close_code is not None:
         _log_closing(session, code, session.close_why or CLOSE_REASONS[code])
     for task in done:
+        if task not in tasks:
+            continue  # the close request: its code is the session's
         error = None if task.cancelled() else task.exception()
         if isinstance(error, ConnectionClosing):
             code = error.code

@@ -31,6 +31,8 @@ from collections.abc import Callable
 from enum import IntEnum
 from typing import Protocol
 
+from gateway.primitives import LeanQueue
+
 __all__ = ["Offer", "Outbox", "Outgoing", "Put", "Sink", "text_frame", "utf8_size"]
 
 
@@ -153,7 +155,7 @@ class Outbox:
             raise ValueError(f"capacity must be >= 1, not {capacity!r}")
         if max_bytes < 1:
             raise ValueError(f"max_bytes must be >= 1, not {max_bytes!r}")
-        self._queue: asyncio.Queue[Outgoing] = asyncio.Queue(maxsize=capacity)
+        self._queue: LeanQueue[Outgoing] = LeanQueue(maxsize=capacity)
         self._max_bytes = max_bytes
         self._bytes = 0
         self._on_overflow = on_overflow

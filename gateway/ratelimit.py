@@ -110,7 +110,8 @@ class ViolationWindow:
         self._clock = clock
         self._limit = limit
         self._window_seconds = window_seconds
-        self._times: deque[float] = deque(maxlen=limit + 1)
+        #: Made at the first violation: most connections never have one.
+        self._times: deque[float] | None = None
         self._now = clock()
 
     def record(self) -> bool:
@@ -120,8 +121,11 @@ class ViolationWindow:
             True when more than ``limit`` violations happened within the window ending now.
         """
         self._now = max(self._now, self._clock())
-        self._times.append(self._now)
+        times = self._times
+        if times is None:
+            times = self._times = deque(maxlen=self._limit + 1)
+        times.append(self._now)
         horizon = self._now - self._window_seconds
-        while self._times and self._times[0] <= horizon:
-            self._times.popleft()
-        return len(self._times) > self._limit
+        while times and times[0] <= horizon:
+            times.popleft()
+        return len(times) > self._limit

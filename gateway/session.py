@@ -47,6 +47,7 @@ from gateway.hub import Hub, presence_envelope
 from gateway.load import LoadMonitor
 from gateway.metrics import Metrics
 from gateway.outbox import Outbox, Outgoing, Put
+from gateway.primitives import Flag
 from gateway.protocol import MAX_CHAT_CHARS, decode, encode
 from gateway.quotas import UserMessageQuota
 from gateway.ratelimit import TokenBucket, Verdict, ViolationWindow
@@ -162,9 +163,9 @@ class Session:
         self.close_why = ""
         #: Set when the frame meter closes the connection: nothing more is read.
         self._metered_out = False
-        self.close_requested = asyncio.Event()
-        #: Set by a refresh: the expiry watcher looks at the new expiry at once.
-        self.expiry_changed = asyncio.Event()
+        self.close_requested = Flag()
+        #: Called by a refresh: the transport looks at the new expiry at once.
+        self.on_expiry_changed: Callable[[], None] | None = None
         self.frames_in = 0
         self.frames_out = 0
         #: Messages refused with an ``error`` reply (or the close that ended it).
@@ -528,7 +529,8 @@ class Session:
             )
         renamed = principal.name != self.principal.name
         self.principal = principal
-        self.expiry_changed.set()
+        if self.on_expiry_changed is not None:
+            self.on_expiry_changed()
         # A new token may grant fewer rooms: leave those it no longer grants.
         for room in sorted(self.joined - self.allowed_rooms):
             await self._part(room)

@@ -152,8 +152,10 @@ def test_violations_spread_out_never_trip() -> None:
 def test_violation_memory_is_bounded() -> None:
     clock = FakeClock()
     window = ViolationWindow(5, 1e9, clock=clock)
+    assert window._times is None  # nothing kept before the first violation
     for _ in range(10_000):
         window.record()
+    assert window._times is not None
     assert len(window._times) <= 6
 
 
