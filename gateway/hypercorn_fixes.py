@@ -68,15 +68,19 @@ import socket
 import ssl
 import struct
 import weakref
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from contextvars import ContextVar
+from functools import partial
 from io import BytesIO, StringIO
+from types import TracebackType
 from typing import Any, cast
 
 import hypercorn.asyncio.run
+import hypercorn.asyncio.task_group as hypercorn_task_group
 import hypercorn.protocol
 import hypercorn.protocol.h2
 import hypercorn.protocol.h11
+from hypercorn.asyncio.task_group import TaskGroup
 from hypercorn.asyncio.tcp_server import TCPServer
 from hypercorn.logging import AccessLogAtoms, Logger
 from hypercorn.protocol.events import Data, Event, Request, StreamClosed
@@ -94,6 +98,7 @@ from wsproto.events import Event as WSProtoEvent
 from wsproto.frame_protocol import CloseReason
 
 from gateway.outbox import Offer
+from gateway.primitives import LeanQueue
 from gateway.ratelimit import Verdict
 
 __all__ = [
@@ -338,6 +343,51 @@ class TransportControl:
             await self._server.writer.drain()
 
 
+class _LeanAppQueues:
+    """Hypercorn 0.18's per-connection :class:`TaskGroup`, spawning the app with a
+    :class:`~gateway.primitives.LeanQueue` for its events instead of an ``asyncio.Queue`` (four
+    deques, about 3 KiB, for every idle connection). ``spawn_app`` is Hypercorn's, but for the
+    queue."""
+
+    def __init__(self, group: TaskGroup) -> None:
+        self._group = group
+
+    async def spawn_app(
+        self,
+        app: Any,
+        config: Any,
+        scope: Any,
+        send: Callable[[Any], Awaitable[None]],
+    ) -> Callable[[Any], Awaitable[None]]:
+        app_queue: LeanQueue[Any] = LeanQueue(config.max_app_queue_size)
+        loop = asyncio.get_running_loop()
+
+        def _call_soon(func: Callable[..., Any], *args: Any) -> Any:
+            return asyncio.run_coroutine_threadsafe(func(*args), loop).result()
+
+        self._group.spawn(
+            hypercorn_task_group._handle,
+            app,
+            config,
+            scope,
+            app_queue.get,
+            send,
+            partial(loop.run_in_executor, None),
+            _call_soon,
+        )
+        return app_queue.put
+
+    def spawn(self, func: Callable[..., Any], *args: Any) -> None:
+        self._group.spawn(func, *args)
+
+    async def __aenter__(self) -> _LeanAppQueues:
+        await self._group.__aenter__()
+        return self
+
+    async def __aexit__(self, exc_type: type, exc_value: BaseException, tb: TracebackType) -> None:
+        await self._group.__aexit__(exc_type, exc_value, tb)
+
+
 class GatewayWSStream(WSStream):
     """See the module docstring: no unrequested deflate, byte caps, 1009 really closes, no
     lingering after close, the close code reaches the app, control frames are metered."""
@@ -347,7 +397,10 @@ class GatewayWSStream(WSStream):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.buffer = ByteCountingBuffer(self.config.websocket_max_message_size)
-        self._ended = asyncio.Event()
+        if isinstance(self.task_group, TaskGroup):
+            self.task_group = _LeanAppQueues(self.task_group)
+        #: The next ping, a timer rather than a task sleeping for it (None: none due).
+        self._ping_timer: asyncio.TimerHandle | None = None
         #: The code of the close frame that ended the connection when the app did not close it:
         #: the client's, or ours for a frame the WebSocket layer refused.
         self._close_code: int | None = None
@@ -356,7 +409,7 @@ class GatewayWSStream(WSStream):
         #: False once the frame meter said CLOSE: the client's bytes are dropped unread.
         self._reading = True
         #: The queue the app reads its events from, and whether the app has ended.
-        self._app_queue: asyncio.Queue[Any] | None = None
+        self._app_queue: asyncio.Queue[Any] | LeanQueue[Any] | None = None
         self._app_ended = False
         #: Our pings not answered yet: a pong for one of them is not the client's doing.
         self._pings_unanswered = 0
@@ -408,7 +461,7 @@ class GatewayWSStream(WSStream):
             self._closing()
             if self._app_ended:
                 self.closed = True
-                self._ended.set()
+                self._stop_pings()
                 return
         if (
             isinstance(event, StreamClosed)
@@ -427,20 +480,37 @@ class GatewayWSStream(WSStream):
             extensions = cast(dict[str, Any], self.scope["extensions"])
             extensions[TRANSPORT_EXTENSION] = self.control
             queue = getattr(self.app_put, "__self__", None)
-            if isinstance(queue, asyncio.Queue):
+            if isinstance(queue, asyncio.Queue | LeanQueue):
                 self._app_queue = queue
         if self.closed:
-            self._ended.set()
+            self._stop_pings()
 
     async def _send_pings(self) -> None:
-        # Hypercorn sleeps the whole interval between pings, so a closed connection's task
-        # (and with it the TCP server task) lingers up to GATEWAY_PING_INTERVAL_SECONDS and
-        # holds up shutdown: wake as soon as the stream ends.
-        while not self.closed:
-            self._pings_unanswered += 1
-            await self._send_wsproto_event(Ping())
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._ended.wait(), self.config.websocket_ping_interval)
+        # Hypercorn sleeps the whole interval between pings in a task of its own, so a closed
+        # connection's task (and with it the TCP server task) lingered up to
+        # GATEWAY_PING_INTERVAL_SECONDS and held up shutdown, and every idle connection kept a
+        # sleeping task. Here: the first ping now, then a timer per ping, cancelled when the
+        # stream ends; this task ends at once.
+        await self._ping()
+
+    async def _ping(self) -> None:
+        if self.closed:
+            return
+        self._pings_unanswered += 1
+        await self._send_wsproto_event(Ping())
+        if not self.closed and self.config.websocket_ping_interval is not None:
+            loop = asyncio.get_running_loop()
+            self._ping_timer = loop.call_later(self.config.websocket_ping_interval, self._ping_due)
+
+    def _ping_due(self) -> None:
+        self._ping_timer = None
+        if not self.closed:
+            self.task_group.spawn(self._ping)
+
+    def _stop_pings(self) -> None:
+        if self._ping_timer is not None:
+            self._ping_timer.cancel()
+            self._ping_timer = None
 
     async def _handle_events(self) -> None:
         # Hypercorn 0.18's loop, except that an over-cap message ends the stream, control frames

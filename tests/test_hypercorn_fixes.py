@@ -8,6 +8,8 @@ from collections.abc import Awaitable, Callable
 from importlib.metadata import version
 from typing import Any, cast
 
+import hypercorn.asyncio.task_group as hypercorn_task_group
+from hypercorn.asyncio.task_group import TaskGroup
 from hypercorn.asyncio.tcp_server import TCPServer
 from hypercorn.config import Config
 from hypercorn.protocol.events import Data, Event, Request, StreamClosed
@@ -159,6 +161,8 @@ def test_written_for_the_hypercorn_and_wsproto_it_reaches_into() -> None:
     for name in ("_handle_events", "_send_wsproto_event", "_send_pings", "app_send", "handle"):
         assert callable(getattr(WSStream, name)), name
     assert callable(TCPServer._close) and callable(H11Protocol._check_protocol)
+    # _LeanAppQueues repeats TaskGroup.spawn_app around Hypercorn's own _handle.
+    assert callable(hypercorn_task_group._handle) and callable(TaskGroup.spawn_app)
 
 
 async def test_the_control_writes_only_while_the_websocket_is_open() -> None:

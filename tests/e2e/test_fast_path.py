@@ -7,13 +7,14 @@ from __future__ import annotations
 
 import asyncio
 import struct
+from typing import Any
 
 import pytest
 
 from gateway.errors import CloseCode
 from gateway.hypercorn_fixes import TransportControl
 from tests.e2e.conftest import Gateway, StartGateway
-from tests.e2e.rawclient import CLOSE, TEXT, RawClient, frame
+from tests.e2e.rawclient import CLOSE, PING, PONG, TEXT, RawClient, frame
 from tests.helpers import timeout
 
 pytestmark = pytest.mark.e2e
@@ -111,3 +112,50 @@ async def test_a_reply_and_a_broadcast_share_one_order(gateway: Gateway) -> None
     refs = [(await client.recv())["ref"] for _ in range(3)]
     assert refs == ["c1", "p", "c2"]
     await client.close()
+
+
+def connection_tasks(before: set[asyncio.Task[Any]]) -> list[str]:
+    """What the tasks started since ``before`` run, but the server's own ``raise_shutdown``
+    (started with its first connection)."""
+    return sorted(
+        name
+        for task in asyncio.all_tasks() - before
+        if (name := getattr(task.get_coro(), "__qualname__", "?")) != "raise_shutdown"
+    )
+
+
+async def test_the_server_pings_on_a_timer_and_an_idle_connection_holds_two_tasks(
+    start_gateway: StartGateway,
+) -> None:
+    """Pings come from a timer per connection, not a task sleeping between them, and an idle
+    connection's own tasks are its reader and writer (docs/performance.md, idle memory)."""
+    async with start_gateway(GATEWAY_PING_INTERVAL_SECONDS="0.2") as gw:
+        before = asyncio.all_tasks()
+        raw = await RawClient.open(gw, "idle")
+        pings = 0
+        async with asyncio.timeout(timeout(10)):
+            while pings < 4:  # the first at once, then one every 0.2 s
+                opcode, payload = await raw.read_any_frame()
+                if opcode == PING:
+                    pings += 1
+                    raw.send(frame(PONG, payload))
+        # Hypercorn's connection task and app task, Quart's two, our reader and writer: no
+        # ping task, no expiry watcher, no close-request task.
+        names = connection_tasks(before)
+        assert names == [
+            "ASGIWebsocketConnection.handle_websocket",
+            "BoundedWebsocketConnection.handle_messages",
+            "_handle",
+            "_read",
+            "_write",
+            "worker_serve.<locals>._server_callback",
+        ], names
+        [session] = gw.services.sessions.values()
+        assert session.outbox.depth == 0
+        raw.send(frame(CLOSE, struct.pack("!H", 1000)))
+        assert await raw.read_close() == 1000
+        assert await raw.eof_within(5)
+        async with asyncio.timeout(timeout(5)):
+            while gw.services.sessions or connection_tasks(before):
+                await asyncio.sleep(0.01)
+        raw.close()
