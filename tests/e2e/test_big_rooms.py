@@ -126,5 +126,8 @@ async def test_two_instances_tell_each_count_once_between_them(
         counts = [frame["member_count"] for frame in member.frames if frame["type"] == "room"]
         # Both instances asked for updates as their own users entered; Redis let one of them
         # tell each count, in order: never the same count twice in a row, never one going back.
+        # (A member may have learnt 20 from its own `joined`, and the leave may come within the
+        # same second as the last entry: then no `room` frame said 20.)
         assert all(a < b for a, b in itertools.pairwise(counts[:-1])), counts
-        assert counts[-2:] == [20, 19]
+        assert counts[-1] == 19, counts
+        assert len(counts) == 1 or counts[-2] == 20, counts
