@@ -825,3 +825,39 @@ async def test_e_link_names_render_as_text_in_utf8(
         await expect(page.locator("#me")).to_have_text(name)
         assert await page.evaluate("typeof window.__pwned") == "undefined"
         victim.assert_clean()
+
+
+async def test_a_chat_refused_as_overloaded_stays_pending_and_goes_once_the_server_catches_up(
+    serve_pages: StartGateway, pages: Pages
+) -> None:
+    async with serve_pages() as gw:
+        ann = await pages.open(gw.base_url)
+        await ann.sign_in("ann")
+        bob = await gw.user("bob")
+        await bob.join("lobby")
+        # The server's load, held overloaded by hand (its own timer would let it go within
+        # 150 ms): what a loop too busy to keep up looks like to every session.
+        load = gw.services.load
+        load.close()
+        load.sample(0.2)
+        load.sample(0.2)
+        assert load.overloaded
+        await ann.input.fill("when you can")
+        await ann.input.press("Enter")
+        await expect(ann.notice).to_contain_text("The server is busy", timeout=wait_ms(5))
+        pending = ann.message("when you can")
+        await expect(pending).to_have_attribute("data-status", "pending")
+        await expect(pending.locator(".msg-status")).to_have_text("sending…")
+        for _ in range(3):
+            load.sample(0.0)  # caught up
+        assert not load.overloaded
+        # Sent again by itself after retry_after_ms (0.8 to 1.6 s here), with the same ref.
+        await expect(pending).to_have_attribute("data-status", "sent", timeout=wait_ms(10))
+        chat = await bob.recv_type("chat")
+        assert chat["message"] == "when you can"
+        sent = [f.data for f in ann.frames_of("sent", "chat")]
+        assert len(sent) == 2 and sent[0]["ref"] == sent[1]["ref"]
+        [refusal] = [f.data for f in ann.frames_of("received", "error")]
+        assert refusal["code"] == "overloaded" and refusal["ref"] == sent[0]["ref"]
+        await bob.close()
+        ann.assert_clean()
