@@ -9,6 +9,7 @@ socket to prove a shutdown closes open connections with 1001 at once.
 from __future__ import annotations
 
 import asyncio
+import gc
 import json
 import logging
 import os
@@ -27,9 +28,11 @@ from gateway.hypercorn_fixes import SAFE_ACCESS_ATOMS, SafeAccessLogger
 from gateway.server import (
     ACCESS_LOG_FORMAT,
     AFTER_SERVING_SECONDS,
+    GC_YOUNG_THRESHOLD,
     SERVER_STOP_SECONDS,
     build_config,
     serve,
+    tune_gc,
 )
 from gateway.settings import SHUTDOWN_RESERVE_SECONDS
 from tests.helpers import make_settings, timeout
@@ -249,3 +252,15 @@ async def test_serve_refuses_to_start_when_the_metrics_port_is_taken() -> None:
     finally:
         taken.close()
         os.close(fd)  # serve() failed before Hypercorn took it over
+
+
+def test_the_served_process_collects_garbage_for_many_long_lived_connections() -> None:
+    before = gc.get_threshold()
+    try:
+        tune_gc()
+        assert gc.get_threshold()[0] == GC_YOUNG_THRESHOLD
+        assert gc.get_threshold()[1:] == before[1:]
+        assert gc.get_freeze_count() > 0  # start-up's objects are out of every collection
+    finally:
+        gc.unfreeze()
+        gc.set_threshold(*before)
