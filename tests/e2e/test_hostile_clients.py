@@ -4,6 +4,7 @@ control frames and fragments, re-join amplification."""
 from __future__ import annotations
 
 import asyncio
+import gc
 import json
 import logging
 import struct
@@ -13,9 +14,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+from quart.wrappers import Websocket
 
 from gateway.errors import CloseCode
-from gateway.hypercorn_fixes import WRITE_BUFFER_HIGH_BYTES
+from gateway.hypercorn_fixes import WRITE_BUFFER_HIGH_BYTES, TransportControl
 from gateway.session import Session
 from tests.e2e.conftest import Client, Gateway, StartGateway
 from tests.e2e.rawclient import CLOSE, CONTINUATION, PING, PONG, TEXT, RawClient, frame, tcp_sockets
@@ -309,3 +311,33 @@ async def test_a_slow_client_that_reads_again_in_time_gets_its_4008(
         assert await slow.close_code(wait_seconds=10) == 4008
         await sender.close()
         await reader
+
+
+async def test_an_accepted_connection_keeps_no_copy_of_its_token(gateway: Gateway) -> None:
+    """A heap dump of a running gateway must not hand out every client's token: once
+    accepted, neither the ASGI scope nor Quart's websocket object keeps the request's headers
+    or query string (the token is in one of them)."""
+    in_header = gateway.token("alice")
+    in_query = gateway.token("bob")
+    alice = await gateway.connect(in_header)
+    bob = await gateway.connect(url=f"{gateway.url}?access_token={in_query}")
+    for ws in (alice, bob):
+        assert json.loads(await ws.recv())["type"] == "welcome"
+    sessions = list(gateway.services.sessions.values())
+    assert len(sessions) == 2
+    for session in sessions:
+        control = session.outbox.sink
+        assert isinstance(control, TransportControl)
+        scope = control._stream.scope  # type: ignore[union-attr]
+        assert (scope["headers"], scope["query_string"]) == ([], b"")
+    # type(), not isinstance(): a dead weak proxy among the objects raises on isinstance().
+    websockets_objects = [o for o in gc.get_objects() if issubclass(type(o), Websocket)]
+    assert len(websockets_objects) >= 2
+    for ws_object in websockets_objects:
+        assert not ws_object.headers and ws_object.query_string == b""
+        assert "args" not in ws_object.__dict__
+    # ...and the connections work as before.
+    await alice.send(json.dumps({"type": "ping"}))
+    assert json.loads(await alice.recv())["type"] == "pong"
+    await alice.close()
+    await bob.close()
