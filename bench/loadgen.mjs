@@ -3,9 +3,12 @@
 // bench/run.py starts it (pinned to its own core) and drives it with one JSON command per line
 // on stdin; each command is answered by one JSON line on stdout. Progress goes to stderr.
 //
-//   {"cmd": "connect", "url", "count", "tokens"?, "origin"?, "room"?, "concurrency", "timeout_s"}
+//   {"cmd": "connect", "url", "count", "tokens"?, "origin"?, "room"?, "protocol"?, "concurrency",
+//    "timeout_s"}
 //       open `count` more clients (all at once when concurrency is 0), each waiting for
-//       `welcome` and, with a room, for `joined`; answers the outcome of every attempt.
+//       `welcome` and, with a room, for `joined`; answers the outcome of every attempt. With
+//       `protocol` (the gateway's "chat.batch.v1"), each offers that subprotocol, and reads a
+//       frame that is a JSON array as that many messages (docs/protocol.md, Batched delivery).
 //   {"cmd": "publish", "room", "publishers", "mode": "closed"|"rate", "rate_per_s"?, "seconds",
 //    "message_chars", "drain_s"}
 //       the last `publishers` joined clients publish into `room` for `seconds`: in a closed
@@ -17,7 +20,8 @@
 // The wire protocol is the gateway's (docs/protocol.md): welcome, join -> joined, chat -> chat
 // to every member with `ref` echoed on the sender's copy. Each chat's text starts with a tag,
 // BENCH:<phase>:<publisher>:<seq>:<sent ms>: padded to `message_chars`, so a subscriber finds
-// the send time (performance.now() of this same process: one clock) without parsing JSON.
+// the send time (performance.now() of this same process: one clock) without parsing JSON (a
+// batch, a JSON array, is parsed).
 
 import { performance } from "node:perf_hooks";
 import { createInterface } from "node:readline";
@@ -62,7 +66,7 @@ class Client {
   }
 
   /** Connect, await welcome and (with a room) joined; resolve with the attempt's outcome. */
-  start(url, headers, room, handshakeTimeoutMs) {
+  start(url, headers, room, handshakeTimeoutMs, protocol) {
     this.room = room;
     return new Promise((resolve) => {
       this.settle = (outcome) => {
@@ -71,7 +75,7 @@ class Client {
           resolve(outcome);
         }
       };
-      const ws = new WebSocket(url, {
+      const ws = new WebSocket(url, protocol ? [protocol] : [], {
         headers,
         perMessageDeflate: false,
         handshakeTimeout: handshakeTimeoutMs,
@@ -106,9 +110,12 @@ class Client {
   }
 
   onMessage(data) {
-    const at = data.indexOf(TAG);
+    const at = data[0] === 0x5b ? -1 : data.indexOf(TAG); // "[": a batch
     if (at >= 0) {
-      this.onChat(data, at);
+      if (phase !== null) phase.chatFrames += 1;
+      this.onChat(data.toString("latin1", at + TAG.length, at + TAG.length + 64), () =>
+        data.indexOf('"ref"') >= 0,
+      );
       return;
     }
     let message;
@@ -118,6 +125,18 @@ class Client {
       if (phase !== null) bump(phase.errors, "unparsable frame");
       return;
     }
+    if (!Array.isArray(message)) {
+      this.onParsed(message);
+      return;
+    }
+    if (phase !== null && message.some(isBenchChat)) phase.chatFrames += 1;
+    for (const each of message) {
+      if (isBenchChat(each)) this.onChat(each.message.slice(TAG.length, TAG.length + 64), () => "ref" in each);
+      else this.onParsed(each);
+    }
+  }
+
+  onParsed(message) {
     switch (message.type) {
       case "welcome":
         if (this.room === null) this.settle?.("ok");
@@ -146,11 +165,12 @@ class Client {
     }
   }
 
-  onChat(data, at) {
+  /** A chat of ours: `tagged` is its text after the tag; `hasRef()` whether it carries a ref. */
+  onChat(tagged, hasRef) {
     const now = performance.now();
     const current = phase;
     if (current === null) return;
-    const fields = data.toString("latin1", at + TAG.length, at + TAG.length + 64).split(":");
+    const fields = tagged.split(":");
     if (Number(fields[0]) !== current.id) return; // a late frame from an earlier phase
     const publisher = Number(fields[1]);
     const seq = Number(fields[2]);
@@ -160,10 +180,14 @@ class Client {
     const counts = current.received[publisher];
     if (counts !== undefined && seq < counts.length) counts[seq] += 1;
     if (publisher === this.publisherIndex) {
-      if (data.indexOf('"ref"') < 0) bump(current.errors, "own copy without ref");
+      if (!hasRef()) bump(current.errors, "own copy without ref");
       if (seq === this.waitingSeq && this.wake !== null) this.wake();
     }
   }
+}
+
+function isBenchChat(message) {
+  return message?.type === "chat" && typeof message.message === "string" && message.message.startsWith(TAG);
 }
 
 function headersFor(index, token, origin) {
@@ -177,7 +201,7 @@ function headersFor(index, token, origin) {
 }
 
 async function connect(command) {
-  const { url, count, tokens, origin, room } = command;
+  const { url, count, tokens, origin, room, protocol } = command;
   const concurrency = command.concurrency > 0 ? command.concurrency : count;
   const timeoutMs = command.timeout_s * 1000;
   const started = performance.now();
@@ -206,7 +230,8 @@ async function connect(command) {
       const timeout = new Promise((resolve) => {
         timer = setTimeout(() => resolve("timeout"), remaining);
       });
-      const attempt = client.start(url, headersFor(client.index, token, origin), room, remaining);
+      const headers = headersFor(client.index, token, origin);
+      const attempt = client.start(url, headers, room, remaining, protocol);
       const result = await Promise.race([attempt, timeout]);
       clearTimeout(timer);
       if (result === "ok") {
@@ -298,6 +323,7 @@ async function publish(command) {
     id: phaseCounter,
     sent: 0,
     deliveries: 0,
+    chatFrames: 0,
     latencies: [],
     received: publishers.map(() => []),
     closes: {},
@@ -354,6 +380,7 @@ async function publish(command) {
     refused_chats: current.refusedChats.size,
     expected,
     deliveries: current.deliveries,
+    chat_frames: current.chatFrames,
     incomplete_messages: incomplete,
     publish_s: (publishedAt - startAt) / 1000,
     elapsed_s: elapsedS,

@@ -56,7 +56,12 @@ ROOT: Final = BENCH_DIR.parent
 LOADGEN: Final = BENCH_DIR / "loadgen.mjs"
 ROOM: Final = "lobby"
 ORIGIN: Final = "https://bench.invalid"
-SERVERS: Final = ("gateway", "naive", "websockets")
+SERVERS: Final = ("gateway", "batched", "naive", "websockets")
+#: The gateway with clients that negotiate batched delivery (docs/protocol.md): it differs
+#: from ``gateway`` only where rooms broadcast, so it runs the publishing workloads alone.
+BATCHED: Final = "batched"
+BATCH_SUBPROTOCOL: Final = "chat.batch.v1"
+PUBLISHING: Final = ("fanout", "overload")
 #: The gateway at another git revision (``--baseline``): before and after, in one run.
 BASELINE: Final = "baseline"
 WORKLOADS: Final = ("fanout", "overload", "storm", "idle")
@@ -464,7 +469,9 @@ class Server:
 
     def __init__(self, name: str, pin: Pinning, workdir: Path, source: Path = ROOT) -> None:
         self.name = name
-        self.is_gateway = name in ("gateway", BASELINE)
+        self.is_gateway = name in ("gateway", BASELINE, BATCHED)
+        #: The subprotocol its clients offer, if any.
+        self.protocol = BATCH_SUBPROTOCOL if name == BATCHED else None
         self.port = free_port()
         self.log_path = workdir / f"{name}-{self.port}.log"
         self.gateway_env: dict[str, str] = {}
@@ -670,6 +677,7 @@ def _connect(
         "tokens": tokens,
         "origin": ORIGIN,
         "room": room,
+        "protocol": server.protocol,
         "concurrency": concurrency,
         "timeout_s": timeout,
     }
@@ -725,6 +733,8 @@ def run_publish(row: Row, options: Options, server: Server, loadgen: Loadgen) ->
     row.closed = result["closes"]
     refused = f" ({result['refused_chats']} refused)" if result["refused_chats"] else ""
     row.notes.append(f"{result['sent']} sent{refused} to {result['members']}")
+    if server.protocol is not None and result["chat_frames"]:
+        row.notes.append(f"{deliveries / result['chat_frames']:.2f} chats/frame")
     row.notes += [f"{count}x {error}" for error, count in result["errors"].items()]
     row.add_window(window)
     loadgen.request({"cmd": "close_all"}, timeout=60)
@@ -948,6 +958,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         for workload in options.workloads:
             for run in range(1, options.repeats + 1):
                 for name in options.servers:
+                    if name == BATCHED and workload not in PUBLISHING:
+                        continue
                     progress(f"{workload} on {name}, run {run}/{options.repeats}")
                     began = time.monotonic()
                     rows.append(run_one(workload, name, run, options, pin, node, sources[name]))

@@ -97,7 +97,7 @@ from wsproto.events import CloseConnection, Message, Ping, Pong, TextMessage
 from wsproto.events import Event as WSProtoEvent
 from wsproto.frame_protocol import CloseReason
 
-from gateway.outbox import Offer
+from gateway.outbox import Offer, Outgoing, text_frame
 from gateway.primitives import LeanQueue
 from gateway.ratelimit import Verdict
 
@@ -210,6 +210,68 @@ def _cork() -> _Cork:
     return cork
 
 
+#: One batch's frame, shared by every connection whose batch held the same frames: built once
+#: per :meth:`_Batcher.flush`, keyed by the identities of the frames (kept alive beside it).
+_SharedBatches = dict[tuple[int, ...], tuple[bytes, list[Outgoing]]]
+
+
+class _Batcher:
+    """The connections of batched delivery (docs/protocol.md, Batched delivery) holding
+    broadcasts, written together once ``window`` seconds have passed since the first.
+
+    Every connection that got its first held frame in one window is flushed by one timer; the
+    members of a room then hold the same frames, so their batch (a JSON array) is built once
+    and the same bytes are written to each (:data:`_SharedBatches`): one system call per
+    connection for every frame of the window, and nothing serialized per recipient.
+    """
+
+    __slots__ = ("__weakref__", "_handle", "_held", "_loop", "window")
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, window: float) -> None:
+        self._loop = loop
+        self._held: list[TransportControl] = []
+        self._handle: asyncio.Handle | None = None
+        self.window = window
+
+    def add(self, control: TransportControl) -> None:
+        self._held.append(control)
+        if self._handle is None:
+            if self.window > 0:
+                self._handle = self._loop.call_later(self.window, self.flush)
+            else:
+                self._handle = self._loop.call_soon(self.flush)
+
+    def flush(self) -> None:
+        self._handle = None
+        held, self._held = self._held, []
+        shared: _SharedBatches = {}
+        for control in held:
+            control.flush(shared)
+
+
+_BATCHERS: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, dict[float, _Batcher]] = (
+    weakref.WeakKeyDictionary()
+)
+
+
+def _batcher(window: float) -> _Batcher:
+    """The running loop's :class:`_Batcher` for ``window`` seconds."""
+    loop = asyncio.get_running_loop()
+    batchers = _BATCHERS.get(loop)
+    if batchers is None:
+        batchers = _BATCHERS[loop] = {}
+    batcher = batchers.get(window)
+    if batcher is None:
+        batcher = batchers[window] = _Batcher(loop, window)
+    return batcher
+
+
+def batch_frame(items: list[Outgoing]) -> bytes:
+    """One text frame holding ``items`` as a JSON array, in order (each item is a JSON
+    object's text, so joining them with commas inside brackets is the array)."""
+    return text_frame(b"[" + b",".join([item.payload for item in items]) + b"]")
+
+
 class WriteCoalescing:
     """Coalesces the broadcasts' writes while the event loop lags (a
     :class:`gateway.load.LoadObserver`): on at :data:`COALESCE_LAG_SECONDS` of sustained lag,
@@ -244,6 +306,7 @@ class TransportControl:
     """
 
     __slots__ = (
+        "_batcher",
         "_cork",
         "_held",
         "_held_bytes",
@@ -262,8 +325,11 @@ class TransportControl:
         self._server = server
         self._transport = server.writer.transport if server is not None else None
         self._cork = _cork() if server is not None else None
-        #: Frames offered in this turn of the loop, written together at its end (_Cork).
-        self._held: list[bytes] | None = None
+        #: Set by :meth:`batch`: broadcasts are held for its window, then written as one frame.
+        self._batcher: _Batcher | None = None
+        #: Frames offered and not written yet: in this turn of the loop (_Cork), or in this
+        #: batch's window (_Batcher).
+        self._held: list[Outgoing] | None = None
         self._held_bytes = 0
         #: True from the accept until the WebSocket starts closing (a close frame either way,
         #: the stream or the app ending): data frames may be written only then. The stream
@@ -279,6 +345,17 @@ class TransportControl:
         """Whether this connection's transport is within reach (Hypercorn's asyncio worker)."""
         return self._stream is not None and self._server is not None
 
+    def batch(self, window_seconds: float) -> None:
+        """From now on hold broadcasts for up to ``window_seconds`` (0: to the end of the
+        loop's turn) and write what a window held as one frame, a JSON array (the client
+        negotiated batched delivery). Replies are not held: each goes out at once, after
+        whatever was held."""
+        self._batcher = _batcher(window_seconds)
+
+    @property
+    def batching(self) -> bool:
+        return self._batcher is not None
+
     def write(self, frame: bytes) -> bool:
         """Write one whole server frame now, after any held (a transport write never blocks);
         False, writing nothing, when the WebSocket is no longer open."""
@@ -289,10 +366,11 @@ class TransportControl:
         transport.write(frame)
         return True
 
-    def offer(self, frame: bytes) -> Offer:
-        """Write ``frame`` now (while the loop is busy: at the end of this turn, with whatever
-        else this connection gets in it, :class:`_Cork`), unless the WebSocket is closing
-        (CLOSED) or the transport's buffer and what is held reach
+    def offer(self, item: Outgoing) -> Offer:
+        """Write ``item``'s frame now (while the loop is busy: at the end of this turn, with
+        whatever else this connection gets in it, :class:`_Cork`; with batched delivery, a
+        broadcast at the end of its window, :class:`_Batcher`), unless the WebSocket is
+        closing (CLOSED) or the transport's buffer and what is held reach
         :data:`WRITE_BUFFER_HIGH_BYTES` (FULL: queue it): the hot path of a broadcast, with no
         state lookups beyond two flags and the buffer's size."""
         transport = self._transport
@@ -303,30 +381,53 @@ class TransportControl:
         if held is None:
             if transport.get_write_buffer_size() >= WRITE_BUFFER_HIGH_BYTES:
                 return Offer.FULL
-            if not cork.active:
-                transport.write(frame)
+            batcher = self._batcher
+            if batcher is None:
+                if not cork.active:
+                    transport.write(item.frame)
+                    return Offer.WRITTEN
+                cork.add(self)
+            elif item.is_reply:
+                transport.write(item.frame)
                 return Offer.WRITTEN
-            self._held = [frame]
-            self._held_bytes = len(frame)
-            cork.add(self)
+            else:
+                batcher.add(self)
+            self._held = [item]
+            self._held_bytes = item.size_bytes
             return Offer.WRITTEN
         if self._held_bytes + transport.get_write_buffer_size() >= WRITE_BUFFER_HIGH_BYTES:
             return Offer.FULL
-        held.append(frame)
-        self._held_bytes += len(frame)
+        held.append(item)
+        self._held_bytes += item.size_bytes
+        if item.is_reply and self._batcher is not None:
+            self.flush()  # a reply is not kept waiting: the batch so far goes with it
         return Offer.WRITTEN
 
-    def flush(self) -> None:
-        """Write what this turn's offers left held, with one ``write``; dropped when the
-        transport is closing (the connection is lost: nobody would read it)."""
+    def flush(self, shared: _SharedBatches | None = None) -> None:
+        """Write what is held, with one ``write``: one frame each, or with batched delivery
+        one JSON array (built once for every connection that held the same frames, through
+        ``shared``); dropped when the transport is closing (the connection is lost: nobody
+        would read it)."""
         held = self._held
         if held is None:
             return
         self._held = None
         self._held_bytes = 0
         transport = self._transport
-        if transport is not None and not transport.is_closing():
-            transport.write(held[0] if len(held) == 1 else b"".join(held))
+        if transport is None or transport.is_closing():
+            return
+        if len(held) == 1:
+            transport.write(held[0].frame)
+        elif self._batcher is None:
+            transport.write(b"".join([item.frame for item in held]))
+        elif shared is None:
+            transport.write(batch_frame(held))
+        else:
+            key = tuple(map(id, held))
+            entry = shared.get(key)
+            if entry is None:
+                entry = shared[key] = (batch_frame(held), held)
+            transport.write(entry[0])
 
     def close(self) -> None:
         """The WebSocket starts closing: what is held goes out first, then no more data."""

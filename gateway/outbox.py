@@ -53,7 +53,7 @@ class Outgoing:
         size_bytes: ``text`` in UTF-8 bytes, measured once.
     """
 
-    __slots__ = ("_frame", "kind", "received_monotonic", "size_bytes", "text")
+    __slots__ = ("_frame", "_payload", "kind", "received_monotonic", "size_bytes", "text")
 
     def __init__(
         self, text: str, kind: str = "other", received_monotonic: float | None = None
@@ -62,7 +62,16 @@ class Outgoing:
         self.kind = kind
         self.received_monotonic = received_monotonic
         self.size_bytes = utf8_size(text)
+        self._payload: bytes | None = None
         self._frame: bytes | None = None
+
+    @property
+    def payload(self) -> bytes:
+        """``text`` in UTF-8, encoded once, on first use, for every recipient."""
+        payload = self._payload
+        if payload is None:
+            payload = self._payload = self.text.encode("utf-8", "surrogatepass")
+        return payload
 
     @property
     def frame(self) -> bytes:
@@ -70,8 +79,13 @@ class Outgoing:
         FIN, opcode text, unmasked), built once, on first use, for every recipient."""
         frame = self._frame
         if frame is None:
-            frame = self._frame = text_frame(self.text.encode("utf-8", "surrogatepass"))
+            frame = self._frame = text_frame(self.payload)
         return frame
+
+    @property
+    def is_reply(self) -> bool:
+        """A direct reply (no broadcast caused it): batched delivery does not hold it back."""
+        return self.received_monotonic is None
 
     def __eq__(self, other: object) -> bool:
         if not isinstance(other, Outgoing):
@@ -114,9 +128,9 @@ class Offer(IntEnum):
 class Sink(Protocol):
     """Where an outbox writes frames without a task in between (the transport, below ASGI)."""
 
-    def offer(self, frame: bytes) -> Offer:
-        """Write ``frame`` now if the connection is open and nothing backs up: WRITTEN; else
-        FULL (queue it) or CLOSED (drop it)."""
+    def offer(self, item: Outgoing) -> Offer:
+        """Write ``item`` now (its :attr:`Outgoing.frame`, or in a batch) if the connection is
+        open and nothing backs up: WRITTEN; else FULL (queue it) or CLOSED (drop it)."""
 
     def write(self, frame: bytes) -> bool:
         """Write one whole frame now; False when the connection is closing (nothing written)."""
@@ -197,7 +211,7 @@ class Outbox:
             return Put.REFUSED
         sink = self._sink
         if sink is not None and not self._busy and self._queue.empty():
-            offered = sink.offer(item.frame)
+            offered = sink.offer(item)
             if offered is Offer.WRITTEN:
                 return Put.WRITTEN
             if offered is Offer.CLOSED:

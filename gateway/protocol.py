@@ -38,6 +38,7 @@ from referencing.jsonschema import DRAFT202012
 from gateway.errors import CloseCode, ConnectionClosing, ErrorCode, MessageRejected
 
 __all__ = [
+    "BATCH_SUBPROTOCOL",
     "CLIENT_TYPES",
     "MAX_CHAT_CHARS",
     "SCHEMA_BASE_URI",
@@ -52,6 +53,11 @@ __all__ = [
 SCHEMA_DIR: Final = Path(__file__).resolve().parent.parent / "schemas"
 #: Every schema's ``$id`` is this plus its path under :data:`SCHEMA_DIR`.
 SCHEMA_BASE_URI: Final = "https://gateway.local/schemas/"
+
+#: The WebSocket subprotocol (RFC 6455 section 1.9) a client offers for batched delivery: a
+#: server frame then holds one message (a JSON object) or several (a JSON array of them, in
+#: order). Client frames are the same either way (docs/protocol.md, Batched delivery).
+BATCH_SUBPROTOCOL: Final = "chat.batch.v1"
 
 #: Message types a client may send (one schema each in ``schemas/client/``).
 CLIENT_TYPES: Final = frozenset({"join", "leave", "chat", "typing", "ping", "refresh"})

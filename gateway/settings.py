@@ -185,6 +185,7 @@ class Settings:
     presence_ttl_seconds: float = 20.0
     presence_max_members: int = 100
     overload_lag_ms: int = 50
+    batch_window_ms: int = 20
     user_message_rate: str = "20/second"
 
     dev_token_endpoint: bool = True
@@ -414,6 +415,7 @@ def load_settings(env: Mapping[str, str]) -> Settings:
         presence_ttl_seconds=r.number("GATEWAY_PRESENCE_TTL_SECONDS", 20.0, 3.0, 300.0),
         presence_max_members=r.integer("GATEWAY_PRESENCE_MAX_MEMBERS", 100, 1, 10_000),
         overload_lag_ms=r.integer("GATEWAY_OVERLOAD_LAG_MS", 50, 0, 60_000),
+        batch_window_ms=r.integer("GATEWAY_BATCH_WINDOW_MS", 20, 0, 1000),
         user_message_rate=user_message_rate,
         dev_token_endpoint=r.boolean("GATEWAY_DEV_TOKEN_ENDPOINT", not production),
         dev_token_ttl_seconds=r.integer("GATEWAY_DEV_TOKEN_TTL_SECONDS", 3600, 5, 86400),

@@ -39,7 +39,7 @@ from gateway.hub import Hub
 from gateway.hypercorn_fixes import TRANSPORT_EXTENSION, TransportControl
 from gateway.load import LoadMonitor
 from gateway.metrics import Metrics
-from gateway.protocol import encode
+from gateway.protocol import BATCH_SUBPROTOCOL, encode
 from gateway.quotas import ConnectAttemptLimiter, UserMessageQuota, address_key
 from gateway.rooms import RoomPolicy
 from gateway.session import Session
@@ -306,13 +306,18 @@ def create_blueprint(services: Services) -> Blueprint:
         try:
             services.sessions[conn_id] = session
             services.no_sessions.clear()
-            await websocket.accept()
+            control = (websocket.scope.get("extensions") or {}).get(TRANSPORT_EXTENSION)
+            fast = isinstance(control, TransportControl) and control.can_write
+            # Batched delivery needs the fast path's writes: without them, it is not offered.
+            batched = fast and BATCH_SUBPROTOCOL in websocket.requested_subprotocols
+            await websocket.accept(subprotocol=BATCH_SUBPROTOCOL if batched else None)
             accepted = True
             _forget_request(cast(Any, websocket)._get_current_object())
-            control = (websocket.scope.get("extensions") or {}).get(TRANSPORT_EXTENSION)
             if isinstance(control, TransportControl):  # pings, pongs, fragments: metered too
                 control.frame_meter = session.meter_frame
-                if control.can_write:  # the fast path: frames straight to the transport
+                if fast:  # frames straight to the transport
+                    if batched:
+                        control.batch(settings.batch_window_ms / 1000)
                     session.outbox.attach(control)
             metrics.attempt("accepted")
             metrics.connection_opened()

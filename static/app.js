@@ -70,6 +70,17 @@ export function checkOutgoing(frameText, message, limits = DEFAULT_LIMITS) {
   return null;
 }
 
+// Batched delivery (docs/protocol.md): offered as a WebSocket subprotocol; a server frame then holds one
+// message (a JSON object) or several (a JSON array of them, in order).
+export const BATCH_PROTOCOL = "chat.batch.v1";
+export function framesOf(text) {
+  let data = null;
+  try { data = JSON.parse(text); } catch { return []; }
+  const isMessage = (m) => m !== null && typeof m === "object" && !Array.isArray(m);
+  if (Array.isArray(data)) return data.filter(isMessage);
+  return isMessage(data) ? [data] : [];
+}
+
 /** The line under a large room's sample list: "and N more" when `total` users outnumber the `shown` ones. */
 export function moreMembersText(total, shown) {
   const more = Number.isInteger(total) && Number.isInteger(shown) ? total - shown : 0;
@@ -330,7 +341,7 @@ function startApp() {
     setConn("connecting");
     const scheme = location.protocol === "https:" ? "wss:" : "ws:";
     let ws;
-    try { ws = new WebSocket(`${scheme}//${location.host}/ws?access_token=${encodeURIComponent(S.token)}`); }
+    try { ws = new WebSocket(`${scheme}//${location.host}/ws?access_token=${encodeURIComponent(S.token)}`, [BATCH_PROTOCOL]); }
     catch { return scheduleReconnect(); }
     [S.ws, S.welcomed] = [ws, false];
     ws.onmessage = (ev) => { if (S.ws === ws) onFrame(ev.data); };
@@ -533,9 +544,7 @@ function startApp() {
     },
   };
   function onFrame(text) {
-    let f = null;
-    try { f = JSON.parse(text); } catch { /* not JSON: ignore */ }
-    if (f && typeof f === "object" && Object.hasOwn(handlers, f.type)) handlers[f.type](f);
+    for (const f of framesOf(text)) if (Object.hasOwn(handlers, f.type)) handlers[f.type](f);
   }
   const saveRooms = () => put(session, K + "rooms", JSON.stringify([...S.wanted]));
   function joinRoom(name) {

@@ -4,6 +4,7 @@ socket (the end-to-end tests in tests/e2e/ prove each fix on a real one)."""
 from __future__ import annotations
 
 import asyncio
+import json
 from collections.abc import Awaitable, Callable
 from importlib.metadata import version
 from typing import Any, cast
@@ -27,7 +28,7 @@ from gateway.hypercorn_fixes import (
     TransportControl,
     WriteCoalescing,
 )
-from gateway.outbox import Offer
+from gateway.outbox import Offer, Outgoing, text_frame
 from gateway.ratelimit import Verdict
 from tests.helpers import timeout
 
@@ -165,10 +166,19 @@ def test_written_for_the_hypercorn_and_wsproto_it_reaches_into() -> None:
     assert callable(hypercorn_task_group._handle) and callable(TaskGroup.spawn_app)
 
 
+def item(text: str, *, reply: bool = False) -> Outgoing:
+    """A broadcast's frame (it has a receipt time), or a direct reply's (it has none)."""
+    return Outgoing(text, "chat", None if reply else 1.0)
+
+
+def frame(text: str) -> bytes:
+    return text_frame(text.encode())
+
+
 async def test_the_control_writes_only_while_the_websocket_is_open() -> None:
     h = Harness()
     control = h.stream.control
-    assert control.offer(b"\x81\x00") is Offer.CLOSED  # no server here, and not accepted yet
+    assert control.offer(item("")) is Offer.CLOSED  # no server here, and not accepted yet
     await h.open()
     assert control.open is True  # accepted
     await h.stream.handle(h.frames(CloseConnection(code=1000)))  # the client closes
@@ -217,9 +227,9 @@ def coalescing(active: bool) -> None:
 async def test_while_the_loop_keeps_up_each_frame_is_written_at_once() -> None:
     control, transport = open_control()
     coalescing(False)
-    control.offer(b"1")
-    control.offer(b"2")
-    assert transport.writes == [b"1", b"2"]
+    control.offer(item("1"))
+    control.offer(item("2"))
+    assert transport.writes == [frame("1"), frame("2")]
 
 
 async def test_frames_offered_in_one_turn_of_a_busy_loop_go_out_in_one_write() -> None:
@@ -227,48 +237,131 @@ async def test_frames_offered_in_one_turn_of_a_busy_loop_go_out_in_one_write() -
     one, t1 = open_control()
     two, t2 = open_control()
     for n in range(3):
-        assert one.offer(b"A%d" % n) is Offer.WRITTEN
-    assert two.offer(b"B") is Offer.WRITTEN
+        assert one.offer(item(f"A{n}")) is Offer.WRITTEN
+    assert two.offer(item("B")) is Offer.WRITTEN
     assert t1.writes == [] and t2.writes == []  # held until the end of this turn
     await asyncio.sleep(0)
-    assert t1.writes == [b"A0A1A2"]  # one system call for three broadcasts
-    assert t2.writes == [b"B"]
-    assert one.offer(b"C") is Offer.WRITTEN  # the next turn: a write of its own
+    three = frame("A0") + frame("A1") + frame("A2")
+    assert t1.writes == [three]  # one system call for three broadcasts, three frames
+    assert t2.writes == [frame("B")]
+    assert one.offer(item("C")) is Offer.WRITTEN  # the next turn: a write of its own
     await asyncio.sleep(0)
-    assert t1.writes == [b"A0A1A2", b"C"]
+    assert t1.writes == [three, frame("C")]
     coalescing(False)  # the loop caught up: at once again
-    one.offer(b"D")
-    assert t1.writes == [b"A0A1A2", b"C", b"D"]
+    one.offer(item("D"))
+    assert t1.writes == [three, frame("C"), frame("D")]
 
 
 async def test_held_frames_count_toward_the_buffer_limit() -> None:
     control, transport = open_control()
     coalescing(True)
     transport.buffered = WRITE_BUFFER_HIGH_BYTES - 5
-    assert control.offer(b"x" * 6) is Offer.WRITTEN
-    assert control.offer(b"y" * 6) is Offer.FULL  # 6 held + the buffer reach the mark: queue it
+    assert control.offer(item("x" * 6)) is Offer.WRITTEN
+    assert control.offer(item("y" * 6)) is Offer.FULL  # 6 held + the buffer reach the mark
     await asyncio.sleep(0)
-    assert transport.writes == [b"x" * 6]
+    assert transport.writes == [frame("x" * 6)]
 
 
 async def test_what_is_held_goes_before_anything_written_after_it_and_before_a_close() -> None:
     control, transport = open_control()
     coalescing(True)
-    control.offer(b"1")
-    assert control.write(b"2") is True  # the writer's path: the held frame first
-    assert transport.writes == [b"1", b"2"]
-    control.offer(b"3")
+    control.offer(item("1"))
+    assert control.write(frame("2")) is True  # the writer's path: the held frame first
+    assert transport.writes == [frame("1"), frame("2")]
+    control.offer(item("3"))
     control.close()  # the WebSocket starts closing: its data goes before the close frame
-    assert transport.writes == [b"1", b"2", b"3"]
-    assert control.offer(b"4") is Offer.CLOSED
+    assert transport.writes == [frame("1"), frame("2"), frame("3")]
+    assert control.offer(item("4")) is Offer.CLOSED
     await asyncio.sleep(0)
-    assert transport.writes == [b"1", b"2", b"3"]
+    assert transport.writes == [frame("1"), frame("2"), frame("3")]
 
 
 async def test_frames_held_for_a_lost_connection_are_dropped() -> None:
     control, transport = open_control()
     coalescing(True)
-    control.offer(b"1")
+    control.offer(item("1"))
     transport.closing = True
     await asyncio.sleep(0)
     assert transport.writes == []
+
+
+def batching(window_seconds: float) -> tuple[TransportControl, FakeTransport]:
+    control, transport = open_control()
+    control.batch(window_seconds)
+    return control, transport
+
+
+def messages(written: bytes) -> Any:
+    """The JSON of one written text frame (unmasked, payload under 64 KiB)."""
+    assert written[0] == 0x81
+    length = written[1]
+    start = 2 if length < 126 else 4
+    return json.loads(written[start:])
+
+
+def chat(n: int) -> Outgoing:
+    return item(json.dumps({"type": "chat", "id": n}))
+
+
+async def test_a_windows_broadcasts_go_out_as_one_array_built_once_for_the_room() -> None:
+    coalescing(False)
+    (one, t1), (two, t2) = batching(0.01), batching(0.01)
+    first, second = chat(1), chat(2)
+    for control in (one, two):
+        assert control.offer(first) is Offer.WRITTEN
+        assert control.offer(second) is Offer.WRITTEN
+    await asyncio.sleep(0)
+    assert t1.writes == [] and t2.writes == []  # held for the window, not just the turn
+    await asyncio.sleep(0.05)
+    assert messages(t1.writes[0]) == [{"type": "chat", "id": 1}, {"type": "chat", "id": 2}]
+    assert t2.writes[0] is t1.writes[0]  # one array for every member that held the same
+    assert len(t1.writes) == len(t2.writes) == 1
+
+
+async def test_a_lone_broadcast_goes_as_its_own_frame_and_a_different_batch_as_its_own() -> None:
+    (alone, t1), (sender, t2) = batching(0), batching(0)
+    shared, echo = chat(1), item(json.dumps({"type": "chat", "id": 1, "ref": "r"}))
+    alone.offer(shared)
+    sender.offer(echo)  # the publisher's own copy carries its ref
+    sender.offer(chat(2))
+    await asyncio.sleep(0)  # a window of 0: the end of the turn
+    assert t1.writes == [shared.frame]  # one message: a plain object, as without batching
+    assert messages(t2.writes[0]) == [
+        {"type": "chat", "id": 1, "ref": "r"},
+        {"type": "chat", "id": 2},
+    ]
+
+
+async def test_a_reply_is_not_held_and_goes_after_the_broadcasts_held_before_it() -> None:
+    control, transport = batching(10.0)
+    pong = item(json.dumps({"type": "pong"}), reply=True)
+    assert control.offer(pong) is Offer.WRITTEN
+    assert transport.writes == [pong.frame]  # nothing held: at once, as a plain object
+    control.offer(chat(1))
+    control.offer(pong)
+    assert [messages(w) for w in transport.writes[1:]] == [
+        [{"type": "chat", "id": 1}, {"type": "pong"}]
+    ]
+    control.offer(chat(2))
+    assert control.write(frame('{"type":"error"}')) is True  # the writer's path, in order
+    control.offer(chat(3))
+    control.close()  # closing: what is held goes before the close frame
+    assert [messages(w) for w in transport.writes[2:]] == [
+        {"type": "chat", "id": 2},
+        {"type": "error"},
+        {"type": "chat", "id": 3},
+    ]
+    assert control.offer(chat(4)) is Offer.CLOSED
+
+
+async def test_a_batch_is_bounded_by_the_buffer_limit_and_dropped_for_a_lost_connection() -> None:
+    control, transport = batching(0)
+    transport.buffered = WRITE_BUFFER_HIGH_BYTES - 20
+    assert control.offer(chat(1)) is Offer.WRITTEN
+    assert control.offer(chat(2)) is Offer.FULL  # held + buffered reach the mark: queue it
+    await asyncio.sleep(0)
+    assert transport.writes == [chat(1).frame]
+    control.offer(chat(3))
+    transport.closing = True
+    await asyncio.sleep(0)
+    assert len(transport.writes) == 1

@@ -138,12 +138,12 @@ class FakeSink:
         self.closed = False
         self.drain = asyncio.Event()
 
-    def offer(self, frame: bytes) -> Offer:
+    def offer(self, item: Outgoing) -> Offer:
         if self.closed:
             return Offer.CLOSED
         if len(self.frames) >= self.room:
             return Offer.FULL
-        self.frames.append(frame)
+        self.frames.append(item.frame)
         return Offer.WRITTEN
 
     def write(self, frame: bytes) -> bool:

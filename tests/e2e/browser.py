@@ -259,7 +259,10 @@ class ChatPage:
                     data = json.loads(payload)
                 except ValueError:
                     data = {"type": None, "raw": payload}
-                self.frames.append(Frame(direction, data, time.monotonic()))
+                now = time.monotonic()
+                # Batched delivery: a received frame may hold an array of messages, in order.
+                for message in data if isinstance(data, list) else [data]:
+                    self.frames.append(Frame(direction, message, now))
 
             return handler
 

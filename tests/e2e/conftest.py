@@ -7,6 +7,7 @@ Certificates come from trustme (made per test session, never committed); clients
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import json
 import socket
@@ -23,7 +24,7 @@ from websockets.asyncio.client import ClientConnection
 
 from gateway.app import SERVICES_KEY, create_app
 from gateway.auth import mint_token
-from gateway.protocol import validate_server_frame
+from gateway.protocol import BATCH_SUBPROTOCOL, validate_server_frame
 from gateway.server import serve
 from gateway.settings import Settings
 from gateway.web import Services
@@ -75,20 +76,39 @@ class Gateway:
 
 
 class Client:
-    """A websockets client that checks every server frame against its schema."""
+    """A websockets client that checks every server frame against its schema.
+
+    With batched delivery negotiated (docs/protocol.md), a text frame may hold a JSON array
+    of messages: :meth:`recv` returns them one at a time, and :attr:`arrays` counts them.
+    """
 
     def __init__(self, ws: ClientConnection) -> None:
         self.ws = ws
         self.welcome: dict[str, Any] = {}
+        self.pending: collections.deque[dict[str, Any]] = collections.deque()
+        self.frames = 0
+        self.arrays = 0
 
     async def send(self, frame: dict[str, Any]) -> None:
         await self.ws.send(json.dumps(frame))
 
     async def recv(self, wait_seconds: float = 5) -> dict[str, Any]:
+        if self.pending:
+            return self.pending.popleft()
         async with asyncio.timeout(timeout(wait_seconds)):
             raw = await self.ws.recv()
         assert isinstance(raw, str)
-        frame: dict[str, Any] = json.loads(raw)
+        self.frames += 1
+        parsed = json.loads(raw)
+        if isinstance(parsed, list):
+            assert self.ws.subprotocol == BATCH_SUBPROTOCOL, "an array without batching"
+            assert len(parsed) >= 2, "an array holds two messages or more"
+            self.arrays += 1
+            self.pending.extend(parsed[1:])
+            parsed = parsed[0]
+            for message in self.pending:
+                validate_server_frame(message)
+        frame: dict[str, Any] = parsed
         validate_server_frame(frame)
         return frame
 

@@ -22,6 +22,7 @@ import pytest
 from playwright.async_api import Browser, expect
 
 from gateway.auth import mint_token
+from gateway.hypercorn_fixes import TransportControl
 from gateway.metrics import ATTEMPT_OUTCOMES
 from tests.e2e.browser import (
     ARTIFACTS_DIR,
@@ -131,6 +132,10 @@ async def test_two_users_see_messages_members_presence_and_typing(
         await bob.sign_in("bob")
         alice_id, bob_id = await alice.user_id(), await bob.user_id()
         assert alice_id != bob_id
+        # The page asks for batched delivery (docs/protocol.md), and everything below runs so.
+        sinks = [s.outbox.sink for s in gw.services.sessions.values()]
+        assert len(sinks) == 2
+        assert all(isinstance(sink, TransportControl) and sink.batching for sink in sinks)
 
         # Members: both pages list both people, from the joined list and the presence event.
         for page, me, other, other_name in (
