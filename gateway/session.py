@@ -167,7 +167,6 @@ class Session:
         #: Called by a refresh: the transport looks at the new expiry at once.
         self.on_expiry_changed: Callable[[], None] | None = None
         self.frames_in = 0
-        self.frames_out = 0
         #: Messages refused with an ``error`` reply (or the close that ended it).
         self.refused = 0
 
@@ -197,10 +196,7 @@ class Session:
     def deliver(self, item: Outgoing) -> Put:
         """Write or queue an already-serialized frame (the hub calls it for broadcasts, and
         counts what it wrote at once; the writer counts what it writes later)."""
-        put = self.outbox.put(item)
-        if put:
-            self.frames_out += 1
-        return put
+        return self.outbox.put(item)
 
     def send(self, frame: Frame) -> None:
         """Serialize and send (or queue) a reply to this connection alone."""
