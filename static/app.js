@@ -2,7 +2,7 @@
 // One ES module, no build step, no external resources; every piece of data is rendered with textContent.
 //
 // Stable hooks for end-to-end tests:
-//   #conn-state[data-state=connecting|connected|disconnected|reconnecting]  text "Connecting…", "Connected",
+//   #conn-state[data-state=connecting|connected|disconnected|reconnecting]  (hidden while nobody is signed in) text "Connecting…", "Connected",
 //                    "Disconnected", "Reconnecting in N s…"
 //   #notice (role=status)[data-code=<error code>|too_long|session-expired|close-<code>|signin|link-expired|
 //                    link-invalid|""]
@@ -205,6 +205,7 @@ function startApp() {
   const STATE_TEXT = { connecting: "Connecting…", connected: "Connected", disconnected: "Disconnected" };
   function setConn(state, text = STATE_TEXT[state], announce = true) {
     [S.conn, ui.conn.dataset.state, ui.conn.textContent] = [state, state, text];
+    ui.conn.hidden = !S.token; // nobody signed in: no connection to speak of, no red badge
     if (announce) ui.live.textContent = text;
     ui.reconnect.hidden = !(state === "disconnected" && S.token);
     updateComposer();

@@ -127,7 +127,10 @@ async def test_two_users_see_messages_members_presence_and_typing(
 ) -> None:
     async with serve_pages() as gw:
         alice = await pages.open(gw.base_url)
+        # The sign-in screen: no connection yet, so no "Disconnected" badge either.
+        await expect(alice.state).to_be_hidden()
         await alice.sign_in("alice")
+        await expect(alice.state).to_be_visible()
         bob = await pages.open(gw.base_url)
         await bob.sign_in("bob")
         alice_id, bob_id = await alice.user_id(), await bob.user_id()
@@ -191,9 +194,10 @@ async def test_two_users_see_messages_members_presence_and_typing(
         stops = [f.data for f in bob.frames_of("sent", "typing")[typing_frames:]]
         assert stops == [{"type": "typing", "room": "lobby", "typing": False}]
 
-        # Bob signs out: Alice's member list shrinks.
+        # Bob signs out: Alice's member list shrinks, and his badge goes with his session.
         await bob.page.get_by_role("button", name="Sign out").click()
         await expect(bob.page.locator("#signin-panel")).to_be_visible()
+        await expect(bob.state).to_be_hidden()
         await expect(alice.members).to_have_count(1)
         await expect(alice.member_count).to_have_text("1")
         await expect(alice.page.locator(f'#members > li[data-user-id="{bob_id}"]')).to_have_count(0)
@@ -649,6 +653,7 @@ async def assert_never_connected(chat: ChatPage, gw: Gateway) -> None:
     assert upgrade_attempts(gw) == 0
     assert gw.services.sessions == {}
     await expect(chat.state).to_have_attribute("data-state", "disconnected")
+    await expect(chat.state).to_be_hidden()  # nobody signed in: no red "Disconnected"
     assert await chat.states() == ["disconnected"]
 
 
