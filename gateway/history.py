@@ -31,11 +31,11 @@ from __future__ import annotations
 import enum
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Generic, TypeVar
 
-__all__ = ["Entry", "History", "Recovery", "RoomHistory", "Seam", "SinceError"]
+__all__ = ["Entry", "History", "Recovery", "RoomHistory", "Seam", "SinceError", "recover"]
 
 T = TypeVar("T")
 
@@ -74,6 +74,34 @@ class Recovery:
     recovered: bool
     oldest_id: int | None
     last_id: int
+
+
+def recover(
+    entries: Iterable[Entry], since: int, limit: int, last_id: int
+) -> Recovery | SinceError:
+    """What followed id ``since`` in a room whose last id is ``last_id``, from ``entries``
+    (what its history keeps, oldest first): at most ``limit`` messages, the newest, and then
+    ``recovered`` is false when more followed. The one rule, for every broker.
+
+    Raises:
+        ValueError: on a negative ``since`` or a ``limit`` below 1.
+    """
+    if since < 0:
+        raise ValueError(f"since must be >= 0, not {since!r}")
+    if limit < 1:
+        raise ValueError(f"limit must be >= 1, not {limit!r}")
+    if since > last_id:
+        return SinceError.FUTURE
+    kept_all = tuple(entries)
+    oldest = kept_all[0].id if kept_all else None
+    missing = last_id - since
+    if missing == 0:
+        return Recovery((), True, oldest, last_id)
+    kept = [entry for entry in kept_all if entry.id > since]
+    complete = oldest is not None and oldest <= since + 1 and len(kept) == missing
+    if len(kept) > limit:
+        kept, complete = kept[-limit:], False
+    return Recovery(tuple(kept), complete, oldest, last_id)
 
 
 class RoomHistory:
@@ -115,29 +143,9 @@ class RoomHistory:
         self.last_id = message_id
 
     def since(self, since: int, limit: int) -> Recovery | SinceError:
-        """What followed id ``since`` (at most ``limit`` messages: the newest, and then
-        ``recovered`` is false when more followed).
-
-        Raises:
-            ValueError: on a negative ``since`` or a ``limit`` below 1.
-        """
-        if since < 0:
-            raise ValueError(f"since must be >= 0, not {since!r}")
-        if limit < 1:
-            raise ValueError(f"limit must be >= 1, not {limit!r}")
-        if since > self.last_id:
-            return SinceError.FUTURE
+        """See :func:`recover`, over what this room keeps."""
         self._expire()
-        entries = self._entries
-        oldest = entries[0].id if entries else None
-        missing = self.last_id - since
-        if missing == 0:
-            return Recovery((), True, oldest, self.last_id)
-        kept = [entry for entry in entries if entry.id > since]
-        complete = oldest is not None and oldest <= since + 1 and len(kept) == missing
-        if len(kept) > limit:
-            kept, complete = kept[-limit:], False
-        return Recovery(tuple(kept), complete, oldest, self.last_id)
+        return recover(self._entries, since, limit, self.last_id)
 
     def last(self, count: int) -> tuple[Entry, ...]:
         """The newest ``count`` kept messages (fewer when fewer are kept), oldest first.
@@ -193,20 +201,22 @@ class History:
         """See :meth:`RoomHistory.append`."""
         history = self._rooms.get(room)
         if history is None:
+            self.prune()  # a new room: forget the idle ones first (amortized over rooms)
             history = self._rooms[room] = RoomHistory(self._size, self._ttl, self._clock)
         history.append(message_id, payload)
 
     def since(self, room: str, since: int, limit: int, last_id: int) -> Recovery | SinceError:
-        """See :meth:`RoomHistory.since`; ``last_id`` is the room's counter, for a room this
-        history has forgotten (or never had a message in)."""
+        """See :func:`recover`; ``last_id`` is the room's counter, for a room this history
+        has forgotten (or never had a message in)."""
         history = self._rooms.get(room)
         if history is not None:
             return history.since(since, limit)
-        if since < 0:
-            raise ValueError(f"since must be >= 0, not {since!r}")
-        if since > last_id:
-            return SinceError.FUTURE
-        return Recovery((), since == last_id, None, last_id)
+        return recover((), since, limit, last_id)
+
+    def oldest_id(self, room: str) -> int | None:
+        """The oldest id ``room``'s history keeps, None when it keeps nothing."""
+        kept = self.last(room, 1 << 30)
+        return kept[0].id if kept else None
 
     def last(self, room: str, count: int) -> tuple[Entry, ...]:
         history = self._rooms.get(room)

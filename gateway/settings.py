@@ -186,6 +186,8 @@ class Settings:
     presence_max_members: int = 100
     overload_lag_ms: int = 50
     batch_window_ms: int = 20
+    history_size: int = 100
+    history_ttl_seconds: int = 600
     user_message_rate: str = "20/second"
 
     dev_token_endpoint: bool = True
@@ -416,6 +418,8 @@ def load_settings(env: Mapping[str, str]) -> Settings:
         presence_max_members=r.integer("GATEWAY_PRESENCE_MAX_MEMBERS", 100, 1, 10_000),
         overload_lag_ms=r.integer("GATEWAY_OVERLOAD_LAG_MS", 50, 0, 60_000),
         batch_window_ms=r.integer("GATEWAY_BATCH_WINDOW_MS", 20, 0, 1000),
+        history_size=r.integer("GATEWAY_HISTORY_SIZE", 100, 0, 10_000),
+        history_ttl_seconds=r.integer("GATEWAY_HISTORY_TTL_SECONDS", 600, 1, 7 * 86400),
         user_message_rate=user_message_rate,
         dev_token_endpoint=r.boolean("GATEWAY_DEV_TOKEN_ENDPOINT", not production),
         dev_token_ttl_seconds=r.integer("GATEWAY_DEV_TOKEN_TTL_SECONDS", 3600, 5, 86400),

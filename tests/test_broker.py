@@ -23,6 +23,7 @@ from gateway.broker import (
     RoomUpdate,
     create_broker,
 )
+from gateway.history import Recovery, SinceError
 from tests.helpers import make_settings, timeout
 from tests.redis_server import RedisServer
 
@@ -86,6 +87,53 @@ def numbered(room: str, n: int) -> Envelope:
 
 def ids_of(inbox: Inbox, room: str) -> list[int]:
     return [orjson.loads(p)["id"] for p in inbox.payloads(room)]
+
+
+# --- history: a room's last chats, in the order of their ids ------------------------
+
+
+@pytest.fixture
+async def small_history(broker_url: str) -> AsyncIterator[Broker]:
+    """A broker whose rooms keep their last 3 chats."""
+    settings = make_settings({"GATEWAY_BROKER_URL": broker_url, "GATEWAY_HISTORY_SIZE": "3"})
+    b = create_broker(settings)
+    await b.start(Inbox())
+    try:
+        yield b
+    finally:
+        await b.close()
+
+
+def history_ids(recovery: Recovery | SinceError) -> list[int]:
+    assert isinstance(recovery, Recovery), recovery
+    ids = [entry.id for entry in recovery.messages]
+    # Each kept message is the broadcast's own text, with its id written in.
+    assert ids == [orjson.loads(entry.payload)["id"] for entry in recovery.messages]
+    return ids
+
+
+async def test_history_replays_what_followed_an_id_and_knows_when_it_is_short(
+    small_history: Broker,
+) -> None:
+    empty = await small_history.history("r", None, 10)
+    assert empty == Recovery((), True, None, 0)
+    first = await small_history.publish_numbered(numbered("r", 0))
+    for n in range(1, 5):  # ids first .. first + 4; the last 3 are kept
+        await small_history.publish_numbered(numbered("r", n))
+    last = first + 4
+    after = await small_history.history("r", last - 2, 10)
+    assert history_ids(after) == [last - 1, last]
+    assert isinstance(after, Recovery) and after.recovered and after.last_id == last
+    assert (await small_history.history("r", last, 10)).recovered is True  # type: ignore[union-attr]
+    short = await small_history.history("r", first, 10)  # first + 1 is gone
+    assert history_ids(short) == [last - 2, last - 1, last]
+    assert isinstance(short, Recovery) and not short.recovered and short.oldest_id == last - 2
+    paged = await small_history.history("r", last - 3, 2)  # three missed, two asked for
+    assert history_ids(paged) == [last - 1, last]
+    assert isinstance(paged, Recovery) and not paged.recovered
+    assert history_ids(await small_history.history("r", None, 2)) == [last - 1, last]
+    assert await small_history.history("r", last + 1, 10) is SinceError.FUTURE
+    assert history_ids(await small_history.history("other", 0, 10)) == []
 
 
 async def test_ids_increase_by_one_per_room(broker: Broker, inbox: Inbox) -> None:

@@ -27,6 +27,7 @@ from gateway.broker import Envelope, Member, MemberPage, RoomUpdate
 from gateway.broker.redis import RedisBroker
 from gateway.broker.wire import INSTANCE_BYTES, WINDOW_BACK_MS, Opener, Rejected, Sealer, channel
 from gateway.errors import BrokerUnavailable
+from gateway.history import Recovery
 from gateway.settings import redact_url
 from tests.helpers import make_settings, timeout
 from tests.redis_server import RedisServer, tls_files
@@ -317,9 +318,11 @@ async def test_presence_keys_expire_and_a_room_left_leaves_no_presence_keys(
     for key in presence:
         assert 0 < await raw.pttl(key) <= 3 * TTL * 1000
     assert await raw.pttl("gateway:room:{r}:seq") > 0
+    history_ttl_ms = _SETTINGS.history_ttl_seconds * 1000
+    assert 0 < await raw.pttl("gateway:room:{r}:history") <= history_ttl_ms
     await a.broker.presence_remove("r", ALICE.id, "a1")
     assert await raw.exists(*presence) == 0
-    assert await raw.dbsize() == 1  # the id counter, which expires on its own
+    assert await raw.dbsize() == 2  # the id counter and the history, which expire on their own
 
 
 async def test_close_removes_this_instances_presence_and_announces_who_left(
@@ -794,3 +797,20 @@ def test_remembered_nonces_are_capped_and_a_forgotten_one_never_passes() -> None
     clock.now += 0.001
     envelope, number = opener.open("r", sealer.seal(Envelope("r", "new")))
     assert (envelope.payload, number) == ("new", None)
+
+
+async def test_a_forged_history_entry_is_left_out_and_the_recovery_says_it_is_incomplete(
+    redis_server: RedisServer, gateways: StartGateway, raw: redis.asyncio.Redis
+) -> None:
+    a = await gateways(redis_server.url)
+    first = await a.broker.publish_numbered(numbered("lobby", 0))
+    # Whoever can write to Redis but lacks the secret adds a chat of their own to the history.
+    forged = Sealer(b"not the broker secret" * 2, b"f" * INSTANCE_BYTES).seal(numbered("lobby", 9))
+    at = int(time.time() * 1000)
+    await raw.xadd("gateway:room:{lobby}:history", {"id": first + 1, "at": at, "data": forged})
+    await raw.set("gateway:room:{lobby}:seq", first + 1)
+    recovery = await a.broker.history("lobby", first - 1, 10)
+    assert isinstance(recovery, Recovery)
+    assert [entry.id for entry in recovery.messages] == [first]
+    assert recovery.recovered is False  # first + 1 was said, and is not given
+    assert a.observer.dropped == Counter(signature=1)

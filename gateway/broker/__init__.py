@@ -55,7 +55,7 @@ def create_broker(settings: Settings, observer: BrokerObserver | None = None) ->
     url = settings.broker_url
     scheme = urlsplit(url).scheme
     if scheme == "memory":
-        return MemoryBroker()
+        return MemoryBroker(settings.history_size, settings.history_ttl_seconds)
     if scheme in ("redis", "rediss"):
         try:
             module = importlib.import_module(_REDIS_MODULE)

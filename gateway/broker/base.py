@@ -21,6 +21,8 @@ from typing import Protocol
 
 import orjson
 
+from gateway.history import Recovery, SinceError
+
 __all__ = [
     "DROP_REASONS",
     "Broker",
@@ -274,6 +276,21 @@ class Broker(abc.ABC):
 
         Returns:
             The id.
+        """
+
+    @abc.abstractmethod
+    async def history(self, room: str, since: int | None, limit: int) -> Recovery | SinceError:
+        """What ``room``'s history keeps (``GATEWAY_HISTORY_SIZE`` messages at most, none
+        older than ``GATEWAY_HISTORY_TTL_SECONDS``), in the order of the ids, each as the
+        broadcast's JSON text with its id.
+
+        Args:
+            since: the messages after this id (:func:`gateway.history.recover`: complete or
+                not, or FUTURE); None: the newest ``limit`` (``recovered`` true).
+            limit: at most this many messages, >= 1.
+
+        Raises:
+            BrokerUnavailable: when the history cannot be read now.
         """
 
     @abc.abstractmethod

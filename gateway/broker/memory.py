@@ -6,6 +6,10 @@ the exception: they stay, one int per room ever chatted in, so ids never restart
 the process lives (clients may use them to drop duplicates). Rooms are those the policy
 allows, so the set is bounded by configuration and token grants, not by clients.
 
+A room's history (:class:`gateway.history.History`) keeps its last chats, numbered and kept
+in the same step as they are delivered, so history and live delivery have one order; with
+``history_size`` 0 nothing is kept.
+
 A room's users are a dict in the order they entered: a page of a large room is its first
 ``limit`` users (O(limit), and the same page until they leave), its count the dict's length.
 """
@@ -14,6 +18,8 @@ from __future__ import annotations
 
 import itertools
 import logging
+import time
+from collections.abc import Callable
 
 from gateway.broker.base import (
     Broker,
@@ -24,6 +30,7 @@ from gateway.broker.base import (
     MemberPage,
     RoomUpdate,
 )
+from gateway.history import History, Recovery, SinceError, recover
 
 __all__ = ["MemoryBroker"]
 
@@ -43,7 +50,13 @@ class _Presence:
 class MemoryBroker(Broker):
     """Delivers synchronously, in publish order, to this process's ``deliver``."""
 
-    def __init__(self) -> None:
+    def __init__(
+        self,
+        history_size: int = 100,
+        history_ttl_seconds: float = 600.0,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self._history = History(history_size, history_ttl_seconds, clock) if history_size else None
         self._deliver: Deliver | None = None
         self._subscribed: set[str] = set()
         self._ids: dict[str, int] = {}
@@ -100,8 +113,23 @@ class MemoryBroker(Broker):
         life; taking one and delivering involve no await, so they are one step."""
         number = self._ids.get(envelope.room, 0) + 1
         self._ids[envelope.room] = number
-        await self.publish(envelope.numbered(number))
+        numbered = envelope.numbered(number)
+        if self._history is not None:
+            self._history.append(envelope.room, number, numbered.payload)
+        await self.publish(numbered)
         return number
+
+    async def history(self, room: str, since: int | None, limit: int) -> Recovery | SinceError:
+        """See :meth:`Broker.history`."""
+        if limit < 1:
+            raise ValueError(f"limit must be >= 1, not {limit!r}")
+        kept = self._history
+        last_id = self._ids.get(room, 0)
+        if kept is None:
+            return recover((), since if since is not None else last_id, limit, last_id)
+        if since is not None:
+            return kept.since(room, since, limit, last_id)
+        return Recovery(kept.last(room, limit), True, kept.oldest_id(room), last_id)
 
     async def presence_add(self, room: str, member: Member, conn_id: str) -> bool:
         """See :meth:`Broker.presence_add`."""

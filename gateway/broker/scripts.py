@@ -4,6 +4,11 @@ script, so it is atomic however many instances run it at once.
 Keys of a room (``{room}`` is a hash tag: a room's keys would share a Redis Cluster slot):
 
 - ``gateway:room:{<room>}:seq``, a string: the room's last chat id (:data:`PUBLISH_NUMBERED`).
+- ``gateway:room:{<room>}:history``, a stream of the room's last chats (at most the history
+  size: ``MAXLEN``), each with fields ``id`` (the chat id), ``at`` (Redis's clock, ms) and
+  ``data`` (the sealed envelope, as published), added by the same script that takes the id and
+  publishes, so history and live delivery have one order; it expires with the history TTL
+  after the room's last chat (:data:`HISTORY_READ` drops older entries).
 - ``gateway:room:{<room>}:conns``, a sorted set: one entry per connection present on any
   instance (:func:`conn_entry`: the user, the owning instance, the connection), scored with the
   time (Redis's clock, ms) it expires unless its instance's heartbeat refreshes it.
@@ -24,6 +29,7 @@ page is ``HRANDFIELD`` with a count; only a room of at most ``limit`` users is r
 from __future__ import annotations
 
 __all__ = [
+    "HISTORY_READ",
     "MEMBERS_PAGE",
     "PRESENCE_ADD",
     "PRESENCE_PRUNE",
@@ -33,6 +39,7 @@ __all__ = [
     "ROOM_UPDATE",
     "conn_entry",
     "counter_key",
+    "history_key",
     "presence_keys",
 ]
 
@@ -44,6 +51,11 @@ def _key(room: str, what: str) -> str:
 def counter_key(room: str) -> str:
     """The key of ``room``'s chat id counter."""
     return _key(room, "seq")
+
+
+def history_key(room: str) -> str:
+    """The key of ``room``'s history stream."""
+    return _key(room, "history")
 
 
 def presence_keys(room: str) -> list[str]:
@@ -94,8 +106,10 @@ local function prune(limit, gone)
 end
 """
 
-#: ``KEYS[1]``: the room's counter. ``ARGV``: the channel, the sealed envelope, the counter's
-#: expiry (ms). Takes the next id and publishes ``<id>|<envelope>`` as one step; returns the id.
+#: ``KEYS``: the room's counter, its history stream. ``ARGV``: the channel, the sealed envelope,
+#: the counter's expiry (ms), the history size (0: keep none), the history's expiry (ms).
+#: Takes the next id, keeps the envelope in the history under it, and publishes
+#: ``<id>|<envelope>``, as one step; returns the id.
 #: A counter that does not exist (a new room, or a Redis restarted empty) starts from Redis's
 #: clock in microseconds, never below an id given before (unless more than one id per
 #: microsecond was taken on average), and below 2**53 until the year 2255.
@@ -105,9 +119,26 @@ if redis.call("EXISTS", KEYS[1]) == 0 then
   redis.call("SET", KEYS[1], t[1] .. string.format("%06d", tonumber(t[2])))
 end
 local id = redis.call("INCR", KEYS[1])
+local digits = string.format("%.0f", id)
 redis.call("PEXPIRE", KEYS[1], ARGV[3])
-redis.call("PUBLISH", ARGV[1], string.format("%.0f", id) .. "|" .. ARGV[2])
+if tonumber(ARGV[4]) > 0 then
+  local t = redis.call("TIME")
+  local at = string.format("%.0f", tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000))
+  redis.call("XADD", KEYS[2], "MAXLEN", ARGV[4], "*", "id", digits, "at", at, "data", ARGV[2])
+  redis.call("PEXPIRE", KEYS[2], ARGV[5])
+end
+redis.call("PUBLISH", ARGV[1], digits .. "|" .. ARGV[2])
 return id
+"""
+
+#: ``KEYS``: the counter, the history stream. Returns Redis's clock (ms), the room's last id
+#: (0 before its first chat) and every entry of the stream (``[stream id, [field, value,
+#: ...]]``, oldest first: at most the history size).
+HISTORY_READ = """
+local t = redis.call("TIME")
+local now = string.format("%.0f", tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000))
+local last = redis.call("GET", KEYS[1]) or "0"
+return {now, last, redis.call("XRANGE", KEYS[2], "-", "+")}
 """
 
 #: ``ARGV``: an entry's lifetime (ms), the keys' expiry (ms), ``add`` (record the names given)

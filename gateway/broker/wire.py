@@ -198,6 +198,26 @@ class Opener:
             Rejected: with the reason it is dropped.
         """
         number, sealed = _split_number(data)
+        nonce, stamp, envelope_bytes = self._authentic(room, sealed)
+        self._check_fresh(nonce, stamp)
+        return self._numbered(room, envelope_bytes, number)
+
+    def open_stored(self, room: str, sealed: bytes, number: int) -> Envelope:
+        """Check ``sealed``, kept in ``room``'s history under id ``number`` (it was checked
+        for freshness and replay when it was published live; history is read, never
+        re-published), and give back its envelope with the id written in.
+
+        Raises:
+            Rejected: with the reason it is dropped (``malformed``, ``signature``, ``room``,
+                ``number``).
+        """
+        _nonce, _stamp, envelope_bytes = self._authentic(room, sealed)
+        envelope, _ = self._numbered(room, envelope_bytes, number)
+        return envelope
+
+    def _authentic(self, room: str, sealed: bytes) -> tuple[bytes, int, bytes]:
+        """The nonce, timestamp and envelope bytes of ``sealed``, once its framing, MAC and
+        room are checked."""
         if len(sealed) < _BODY_START + _HEADER.size or not sealed.startswith(VERSION):
             raise Rejected("malformed")
         view = memoryview(sealed)
@@ -212,9 +232,14 @@ class Opener:
             raise Rejected("signature")
         if signed_room != room.encode("ascii"):
             raise Rejected("room")
-        self._check_fresh(nonce, stamp)
+        return nonce, stamp, bytes(view[room_at + room_length :])
+
+    @staticmethod
+    def _numbered(
+        room: str, envelope_bytes: bytes, number: int | None
+    ) -> tuple[Envelope, int | None]:
         try:
-            envelope = Envelope.from_bytes(bytes(view[room_at + room_length :]))
+            envelope = Envelope.from_bytes(envelope_bytes)
         except ValueError:
             raise Rejected("malformed") from None
         if envelope.room != room:
