@@ -72,6 +72,9 @@ class ErrorCode(StrEnum):
     RATE_LIMITED = "rate_limited"
     UNAVAILABLE = "unavailable"
     OVERLOADED = "overloaded"
+    #: A join's ``since`` is above the room's last id: the room's ids restarted (the server or
+    #: its Redis lost its state). Not held against the client.
+    SINCE_AHEAD = "since_ahead"
 
 
 #: The codes that blame the client's frame: repeated, they close the connection with 1008.

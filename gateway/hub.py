@@ -291,6 +291,10 @@ class Hub:
         """From now on ``member`` receives the room's envelopes."""
         self._rooms.setdefault(room, {})[member.conn_id] = member
 
+    def seat(self, room: str, conn_id: str) -> Recipient | None:
+        """Who receives ``room``'s envelopes for connection ``conn_id``, if anyone."""
+        return self._rooms.get(room, {}).get(conn_id)
+
     def detach(self, room: str, member: Recipient) -> None:
         members = self._rooms.get(room)
         if members is None:

@@ -187,6 +187,11 @@ class Outbox:
         return self._sink
 
     @property
+    def capacity(self) -> int:
+        """Frames the queue holds at most."""
+        return self._queue.maxsize
+
+    @property
     def depth(self) -> int:
         """Frames waiting for the writer."""
         return self._queue.qsize()

@@ -32,6 +32,8 @@ import time
 from collections.abc import Callable, Coroutine
 from typing import Any
 
+import orjson
+
 from gateway.auth import Principal, TokenVerifier
 from gateway.broker import Broker, Envelope, Member, MemberPage
 from gateway.errors import (
@@ -43,10 +45,11 @@ from gateway.errors import (
     ErrorCode,
     MessageRejected,
 )
+from gateway.history import Entry, Recovery, Seam, SinceError
 from gateway.hub import Hub, presence_envelope
 from gateway.load import LoadMonitor
 from gateway.metrics import Metrics
-from gateway.outbox import Outbox, Outgoing, Put
+from gateway.outbox import Outbox, Outgoing, Put, utf8_size
 from gateway.primitives import Flag
 from gateway.protocol import MAX_CHAT_CHARS, decode, encode
 from gateway.quotas import UserMessageQuota
@@ -102,6 +105,31 @@ async def _finish(coroutine: Coroutine[Any, Any, None]) -> None:
 def _log_failure(task: asyncio.Future[None]) -> None:
     if not task.cancelled() and task.exception() is not None:
         log.error("leaving a room failed", exc_info=task.exception())
+
+
+class _Joining:
+    """A joining session's seat in a room while its replay is read: what the room broadcasts
+    meanwhile waits in :attr:`seam` (at most the send queue's frames: more, and the session
+    is closed 4008, as a client that does not read would be)."""
+
+    __slots__ = ("_session", "conn_id", "seam", "user_id")
+
+    def __init__(self, session: Session) -> None:
+        self._session = session
+        self.conn_id = session.conn_id
+        self.user_id = session.user_id
+        self.seam: Seam[Outgoing] = Seam()
+
+    def deliver(self, item: Outgoing) -> Put:
+        if len(self.seam) >= self._session.outbox.capacity:
+            self._session.request_close(CloseCode.TOO_SLOW, "send queue full while joining")
+            return Put.REFUSED
+        chat_id = None
+        if item.kind == "chat":
+            value = orjson.loads(item.text).get("id")
+            chat_id = value if isinstance(value, int) else None
+        self.seam.hold(chat_id, item)
+        return Put.QUEUED
 
 
 class Session:
@@ -200,9 +228,11 @@ class Session:
 
     def send(self, frame: Frame) -> None:
         """Serialize and send (or queue) a reply to this connection alone."""
-        item = Outgoing(encode(frame), frame["type"])
+        self._send_item(Outgoing(encode(frame), frame["type"]))
+
+    def _send_item(self, item: Outgoing) -> None:
         if self.deliver(item) is Put.WRITTEN:
-            self.metrics.written(item.kind, None, 0.0)
+            self.metrics.written(item.kind, item.received_monotonic, time.monotonic())
 
     def request_close(self, code: CloseCode, why: str = "") -> None:
         """Ask the transport to close with ``code`` (the first request wins); ``why`` is for
@@ -331,7 +361,7 @@ class Session:
         elif kind == "typing":
             await self._typing(message["room"], message["typing"], ref)
         elif kind == "join":
-            await self._join(message["room"], ref)
+            await self._join(message["room"], ref, message.get("since"), message.get("history"))
         elif kind == "leave":
             await self._leave(message["room"], ref)
         elif kind == "ping":
@@ -355,7 +385,9 @@ class Session:
 
     # -- handlers ---------------------------------------------------------------------------
 
-    async def _join(self, room: str, ref: str | None) -> None:
+    async def _join(
+        self, room: str, ref: str | None, since: int | None = None, history: int | None = None
+    ) -> None:
         if room not in self.allowed_rooms:
             raise MessageRejected(
                 ErrorCode.FORBIDDEN_ROOM,
@@ -385,12 +417,79 @@ class Session:
             if isinstance(error, BrokerUnavailable):
                 raise _unavailable("the room cannot be joined just now", ref) from None
             raise
-        # No await between attach and the reply: `joined` precedes the room's traffic.
         self.joined.add(room)
-        self._hub.attach(room, self)
-        self.send(self._joined(room, page, ref))
+        if since is None and history is None:
+            # No await between attach and the reply: `joined` precedes the room's traffic.
+            self._hub.attach(room, self)
+            self.send(self._joined(room, page, ref))
+        else:
+            await self._join_replaying(room, page, ref, since, history)
         if first:
             await self._announce(room, "join", page.total)
+
+    async def _join_replaying(
+        self, room: str, page: MemberPage, ref: str | None, since: int | None, count: int | None
+    ) -> None:
+        """Join with a replay of the room's history (docs/protocol.md, History and resume):
+        attached at once through a :class:`_Joining` stand-in, whose seam holds the live
+        traffic while history is read; then ``joined``, the replay, and the held frames the
+        replay does not carry, in that order, before the session itself takes the seat."""
+        joining = _Joining(self)
+        self._hub.attach(room, joining)
+        recovery: Recovery | SinceError | None = None
+        try:
+            recovery = await self._broker.history(room, since, self._replay_limit(count))
+        except BrokerUnavailable:
+            log.warning("room history unavailable", extra={"conn_id": self.conn_id, "room": room})
+        if recovery is SinceError.FUTURE:
+            self._hub.detach(room, joining)
+            self.joined.discard(room)
+            await _finish(self._depart(room, announce=False))
+            raise MessageRejected(
+                ErrorCode.SINCE_AHEAD,
+                f"since is ahead of room {room!r}'s last id: its ids restarted; join again "
+                "without since (what was said before is gone)",
+                ref=ref,
+                pointer="/since",
+            )
+        frame = self._joined(room, page, ref)
+        messages: tuple[Entry, ...] = ()
+        seen_to = 0
+        recovered = False
+        if isinstance(recovery, Recovery):
+            messages, recovered = self._fit(recovery.messages), recovery.recovered
+            recovered = recovered and len(messages) == len(recovery.messages)
+            seen_to = recovery.last_id
+        if since is not None:
+            frame["recovered"] = recovered
+            oldest = recovery.oldest_id if isinstance(recovery, Recovery) else None
+            if not recovered and oldest is not None:
+                frame["oldest_id"] = oldest
+        self.send(frame)
+        for entry in messages:
+            self._send_item(Outgoing(entry.payload, "chat"))
+        for item in joining.seam.release(seen_to):
+            self._send_item(item)
+        if room in self.joined and self._hub.seat(room, self.conn_id) is joining:
+            self._hub.attach(room, self)
+
+    def _replay_limit(self, count: int | None) -> int:
+        """The most chats a replay may bring: what history keeps, what was asked for, and
+        half the send queue, so that a replay never overflows it into a 4008."""
+        settings = self._settings
+        limit = min(max(settings.history_size, 1), max(settings.send_queue_size // 2, 1))
+        return limit if count is None else min(limit, count)
+
+    def _fit(self, messages: tuple[Entry, ...]) -> tuple[Entry, ...]:
+        """The newest of ``messages`` that fit in half the send queue's bytes."""
+        budget = self._settings.send_queue_bytes // 2
+        kept = 0
+        for entry in reversed(messages):
+            budget -= utf8_size(entry.payload)
+            if budget < 0:
+                break
+            kept += 1
+        return messages[len(messages) - kept :]
 
     def _joined(self, room: str, page: MemberPage, ref: str | None) -> Frame:
         """The ``joined`` reply: the member list, or ``unchanged`` when this connection was
