@@ -281,6 +281,12 @@ class Metrics:
             registry=r,
         )
         self._shed = {kind: shed.labels(kind) for kind in SHED_TYPES}
+        self._duplicates = Counter(
+            "gateway_chat_duplicates_total",
+            "Chats not broadcast because their sender had sent the same ref to the room within "
+            "GATEWAY_DEDUPE_WINDOW_SECONDS (a resend): answered with the first one's id.",
+            registry=r,
+        )
 
     def loop_lag(self, seconds: float, overloaded: bool) -> None:
         """The event loop's smoothed lag and whether publishers are pushed back (gateway.load)."""
@@ -290,6 +296,10 @@ class Metrics:
     def shed(self, kind: str) -> None:
         """A client message of ``kind`` (chat, typing) was refused because of overload."""
         self._shed[kind].inc()
+
+    def duplicate(self) -> None:
+        """A chat was a resend of one already broadcast (the same ``ref``): not sent again."""
+        self._duplicates.inc()
 
     def watch_queues(self, depths: Callable[[], Iterable[int]]) -> None:
         """Report the send queues' depths at each scrape (see :class:`_QueueDepths`)."""

@@ -35,7 +35,7 @@ from typing import Any
 import orjson
 
 from gateway.auth import Principal, TokenVerifier
-from gateway.broker import Broker, Envelope, Member, MemberPage
+from gateway.broker import Broker, Envelope, Member, MemberPage, Once
 from gateway.errors import (
     CLIENT_FAULTS,
     AuthError,
@@ -590,10 +590,21 @@ class Session:
                 id_at=at,
                 echo_id_at=echo_at,
             )
+        window = self._settings.dedupe_window_seconds
         try:
-            await self._broker.publish_numbered(envelope)
+            if ref is None or not window:
+                await self._broker.publish_numbered(envelope)
+                return
+            # Idempotent: the same ref from the same user in this room within the window is
+            # the same message (a resend whose acknowledgement was lost): published once.
+            user = self.user_id
+            once = Once(f"{len(user)}:{user}{ref}", window, stamp=frame["ts"])
+            number, first_ts = await self._broker.publish_numbered_once(envelope, once)
         except BrokerUnavailable:
             raise _unavailable("the message was not sent; send it again", ref) from None
+        if first_ts is not None:  # a duplicate: the first one's acknowledgement, again
+            self.metrics.duplicate()
+            self.send({**frame, "id": number, "ts": first_ts, "ref": ref})
 
     async def _typing(self, room: str, typing: bool, ref: str | None) -> None:
         self._require_joined(room, ref)

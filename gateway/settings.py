@@ -188,6 +188,7 @@ class Settings:
     batch_window_ms: int = 20
     history_size: int = 100
     history_ttl_seconds: int = 600
+    dedupe_window_seconds: int = 300
     user_message_rate: str = "20/second"
 
     dev_token_endpoint: bool = True
@@ -420,6 +421,7 @@ def load_settings(env: Mapping[str, str]) -> Settings:
         batch_window_ms=r.integer("GATEWAY_BATCH_WINDOW_MS", 20, 0, 1000),
         history_size=r.integer("GATEWAY_HISTORY_SIZE", 100, 0, 10_000),
         history_ttl_seconds=r.integer("GATEWAY_HISTORY_TTL_SECONDS", 600, 1, 7 * 86400),
+        dedupe_window_seconds=r.integer("GATEWAY_DEDUPE_WINDOW_SECONDS", 300, 0, 86400),
         user_message_rate=user_message_rate,
         dev_token_endpoint=r.boolean("GATEWAY_DEV_TOKEN_ENDPOINT", not production),
         dev_token_ttl_seconds=r.integer("GATEWAY_DEV_TOKEN_TTL_SECONDS", 3600, 5, 86400),

@@ -20,6 +20,7 @@ from gateway.broker import (
     Member,
     MemberPage,
     MemoryBroker,
+    Once,
     RoomUpdate,
     create_broker,
 )
@@ -600,3 +601,34 @@ def test_envelope_ignores_unknown_fields() -> None:
 def test_envelope_from_bad_bytes_is_a_value_error(data: bytes) -> None:
     with pytest.raises(ValueError):
         Envelope.from_bytes(data)
+
+
+# --- idempotent publishing: the same key, published once ---------------------------------
+
+
+async def test_a_key_seen_within_its_window_is_not_published_again(
+    broker: Broker, inbox: Inbox
+) -> None:
+    await broker.subscribe("r")
+    once = Once("alice:ref-1", 30.0, stamp=111)
+    first, duplicate = await broker.publish_numbered_once(numbered("r", 1), once)
+    assert duplicate is None
+    again = await broker.publish_numbered_once(numbered("r", 1), Once(once.key, 30.0, stamp=222))
+    assert again == (first, 111)  # the first one's id and stamp; nothing published
+    other, _ = await broker.publish_numbered_once(numbered("r", 2), Once("alice:ref-2", 30.0, 3))
+    assert other == first + 1
+    await broker.subscribe("s")
+    elsewhere = await broker.publish_numbered_once(numbered("s", 3), once)  # another room
+    assert elsewhere[1] is None
+    await inbox.wait_for(3)
+    assert [orjson.loads(p)["n"] for p in inbox.payloads()] == [1, 2, 3]
+
+
+async def test_a_key_is_forgotten_after_its_window(broker: Broker, inbox: Inbox) -> None:
+    await broker.subscribe("r")
+    once = Once("bob:x", 0.2, stamp=1)
+    first, _ = await broker.publish_numbered_once(numbered("r", 1), once)
+    await asyncio.sleep(0.4)
+    second, duplicate = await broker.publish_numbered_once(numbered("r", 2), once)
+    assert (second, duplicate) == (first + 1, None)
+    await inbox.wait_for(2)

@@ -134,3 +134,32 @@ async def test_a_replay_fits_in_half_the_send_queue() -> None:
     assert frames[0]["recovered"] is False
     assert chats(frames[1:]) == ["4", "5"]  # the newest two: half of 4
     assert alice.close_code is None
+
+
+async def test_a_resent_ref_is_acknowledged_with_the_first_id_and_not_broadcast_again() -> None:
+    world = await World().start()
+    alice, bob = await world.sessions("alice", "bob")
+    for session in (alice, bob):
+        await send(session, type="join", room="lobby")
+    await drain(alice)
+    first = await send(alice, type="chat", room="lobby", message="hi", ref="r1")
+    assert [f["ref"] for f in first] == ["r1"]
+    world.wall_seconds += 5
+    again = await send(alice, type="chat", room="lobby", message="hi", ref="r1")
+    assert again == first  # the same acknowledgement: same id, same ts
+    assert chats(await drain(bob)) == ["hi"]  # the room saw it once
+    assert world.metrics.registry.get_sample_value("gateway_chat_duplicates_total") == 1
+    # Another ref, or no ref at all, is another message.
+    other = await send(alice, type="chat", room="lobby", message="hi", ref="r2")
+    assert other[0]["id"] == first[0]["id"] + 1
+    await send(alice, type="chat", room="lobby", message="hi")
+    assert chats(await drain(bob)) == ["hi", "hi"]
+
+
+async def test_dedupe_can_be_turned_off() -> None:
+    world = await World({"GATEWAY_DEDUPE_WINDOW_SECONDS": "0"}).start()
+    alice = await world.session("alice")
+    await send(alice, type="join", room="lobby")
+    first = await send(alice, type="chat", room="lobby", message="hi", ref="r1")
+    again = await send(alice, type="chat", room="lobby", message="hi", ref="r1")
+    assert again[0]["id"] == first[0]["id"] + 1

@@ -19,6 +19,7 @@ from gateway.broker.base import (
     Member,
     MemberLeft,
     MemberPage,
+    Once,
     RoomUpdate,
 )
 from gateway.broker.memory import MemoryBroker
@@ -33,6 +34,7 @@ __all__ = [
     "MemberLeft",
     "MemberPage",
     "MemoryBroker",
+    "Once",
     "RoomUpdate",
     "create_broker",
 ]

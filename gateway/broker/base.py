@@ -32,6 +32,7 @@ __all__ = [
     "Member",
     "MemberLeft",
     "MemberPage",
+    "Once",
     "RoomUpdate",
 ]
 
@@ -82,6 +83,21 @@ class RoomUpdate:
 
     member_count: int
     members: tuple[Member, ...] | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Once:
+    """What makes a publish idempotent (:meth:`Broker.publish_numbered_once`).
+
+    Attributes:
+        key: who said it and the client's ``ref`` (unique per room, for ``seconds``).
+        seconds: how long the key is remembered (> 0).
+        stamp: kept with the key and given back for a duplicate (the message's ``ts``).
+    """
+
+    key: str
+    seconds: float
+    stamp: int
 
 
 _OPTIONAL_FIELDS = ("skip_user", "echo_conn", "echo_payload")
@@ -276,6 +292,16 @@ class Broker(abc.ABC):
 
         Returns:
             The id.
+        """
+
+    @abc.abstractmethod
+    async def publish_numbered_once(self, envelope: Envelope, once: Once) -> tuple[int, int | None]:
+        """:meth:`publish_numbered`, unless an envelope with the same ``once.key`` was published
+        in the same room within ``once.seconds``: then nothing is published. Check and publish
+        are one step, so two instances racing with the same key publish once.
+
+        Returns:
+            The id, and None; or, for a duplicate, the first one's id and its ``once.stamp``.
         """
 
     @abc.abstractmethod

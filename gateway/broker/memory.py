@@ -19,6 +19,7 @@ from __future__ import annotations
 import itertools
 import logging
 import time
+from collections import OrderedDict
 from collections.abc import Callable
 
 from gateway.broker.base import (
@@ -28,11 +29,15 @@ from gateway.broker.base import (
     Member,
     MemberLeft,
     MemberPage,
+    Once,
     RoomUpdate,
 )
 from gateway.history import History, Recovery, SinceError, recover
 
-__all__ = ["MemoryBroker"]
+__all__ = ["ONCE_KEYS", "MemoryBroker"]
+
+#: Idempotency keys remembered at most (``publish_numbered_once``): about 200 bytes each.
+ONCE_KEYS = 100_000
 
 logger = logging.getLogger(__name__)
 
@@ -57,6 +62,10 @@ class MemoryBroker(Broker):
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self._history = History(history_size, history_ttl_seconds, clock) if history_size else None
+        self._clock = clock
+        #: (room, once key) -> id, stamp, expiry (clock), in the order they were added: keys
+        #: of the same lifetime expire in that order too.
+        self._once: OrderedDict[tuple[str, str], tuple[int, int, float]] = OrderedDict()
         self._deliver: Deliver | None = None
         self._subscribed: set[str] = set()
         self._ids: dict[str, int] = {}
@@ -118,6 +127,26 @@ class MemoryBroker(Broker):
             self._history.append(envelope.room, number, numbered.payload)
         await self.publish(numbered)
         return number
+
+    async def publish_numbered_once(self, envelope: Envelope, once: Once) -> tuple[int, int | None]:
+        """See :meth:`Broker.publish_numbered_once`. At most :data:`ONCE_KEYS` keys are
+        remembered (the oldest forgotten first), each for ``once.seconds``."""
+        keys = self._once
+        now = self._clock()
+        while keys:  # forget the expired, oldest first
+            first = next(iter(keys.values()))
+            if first[2] > now:
+                break
+            keys.popitem(last=False)
+        key = (envelope.room, once.key)
+        prior = keys.get(key)
+        if prior is not None:
+            return prior[0], prior[1]
+        number = await self.publish_numbered(envelope)
+        keys[key] = (number, once.stamp, now + once.seconds)
+        if len(keys) > ONCE_KEYS:
+            keys.popitem(last=False)
+        return number, None
 
     async def history(self, room: str, since: int | None, limit: int) -> Recovery | SinceError:
         """See :meth:`Broker.history`."""

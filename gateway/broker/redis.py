@@ -75,6 +75,7 @@ from gateway.broker.base import (
     Member,
     MemberLeft,
     MemberPage,
+    Once,
     RoomUpdate,
 )
 from gateway.broker.wire import Opener, Rejected, Sealer, channel, room_of_channel
@@ -446,22 +447,44 @@ class RedisBroker(Broker):
             BrokerUnavailable: as :meth:`publish`.
             ValueError: as :meth:`publish`, or when the envelope takes no id.
         """
+        number, _ = await self._publish_script(envelope, None)
+        return number
+
+    async def publish_numbered_once(self, envelope: Envelope, once: Once) -> tuple[int, int | None]:
+        """See :meth:`Broker.publish_numbered_once`: the key lives in Redis, so the check holds
+        across instances, in the same script as the numbering.
+
+        Raises:
+            BrokerUnavailable: as :meth:`publish`.
+            ValueError: as :meth:`publish_numbered`.
+        """
+        return await self._publish_script(envelope, once)
+
+    async def _publish_script(
+        self, envelope: Envelope, once: Once | None
+    ) -> tuple[int, int | None]:
         if not envelope.to_number:
             raise ValueError("this envelope takes no id")
         data = self._sealer.seal(envelope)
-        name = channel(envelope.room)
-        keys = [scripts.counter_key(envelope.room), scripts.history_key(envelope.room)]
+        room = envelope.room
+        keys: list[str | bytes] = [scripts.counter_key(room), scripts.history_key(room)]
         args: list[bytes | int] = [
-            name,
+            channel(room),
             data,
             _COUNTER_TTL_MS,
             self._history_size,
             self._history_ttl_ms,
         ]
+        if once is not None:
+            keys.append(scripts.once_key(room, once.key))
+            args += [max(1, int(once.seconds * 1000)), once.stamp]
         started = time.perf_counter()
-        number = await self._run("publish", self._publish_numbered(keys=keys, args=args))
+        answer = await self._run("publish", self._publish_numbered(keys=keys, args=args))
         self._observer.broker_published(time.perf_counter() - started)
-        return int(number)
+        if isinstance(answer, bytes):  # the key existed: a duplicate, nothing published
+            number, _, stamp = answer.partition(b":")
+            return int(number), int(stamp)
+        return int(answer), None
 
     async def history(self, room: str, since: int | None, limit: int) -> Recovery | SinceError:
         """See :meth:`Broker.history`: one script reads the room's counter and history stream

@@ -40,6 +40,7 @@ __all__ = [
     "conn_entry",
     "counter_key",
     "history_key",
+    "once_key",
     "presence_keys",
 ]
 
@@ -56,6 +57,11 @@ def counter_key(room: str) -> str:
 def history_key(room: str) -> str:
     """The key of ``room``'s history stream."""
     return _key(room, "history")
+
+
+def once_key(room: str, key: str) -> bytes:
+    """The key remembering idempotency key ``key`` of ``room`` (the user and the ``ref``)."""
+    return _key(room, "once:").encode() + key.encode("utf-8", "surrogatepass")
 
 
 def presence_keys(room: str) -> list[str]:
@@ -106,14 +112,21 @@ local function prune(limit, gone)
 end
 """
 
-#: ``KEYS``: the room's counter, its history stream. ``ARGV``: the channel, the sealed envelope,
-#: the counter's expiry (ms), the history size (0: keep none), the history's expiry (ms).
-#: Takes the next id, keeps the envelope in the history under it, and publishes
-#: ``<id>|<envelope>``, as one step; returns the id.
+#: ``KEYS``: the room's counter, its history stream, and for an idempotent publish its key
+#: (:func:`once_key`). ``ARGV``: the channel, the sealed envelope, the counter's expiry (ms),
+#: the history size (0: keep none), the history's expiry (ms), and for an idempotent publish
+#: how long its key lasts (ms) and the stamp to keep with it. Takes the next id, keeps the
+#: envelope in the history under it, and publishes ``<id>|<envelope>``, as one step; returns
+#: the id; or, when the idempotency key exists, publishes nothing and returns its value,
+#: ``<id>:<stamp>`` (a string, where a publish returns an integer).
 #: A counter that does not exist (a new room, or a Redis restarted empty) starts from Redis's
 #: clock in microseconds, never below an id given before (unless more than one id per
 #: microsecond was taken on average), and below 2**53 until the year 2255.
 PUBLISH_NUMBERED = """
+if KEYS[3] then
+  local prior = redis.call("GET", KEYS[3])
+  if prior then return prior end
+end
 if redis.call("EXISTS", KEYS[1]) == 0 then
   local t = redis.call("TIME")
   redis.call("SET", KEYS[1], t[1] .. string.format("%06d", tonumber(t[2])))
@@ -128,6 +141,7 @@ if tonumber(ARGV[4]) > 0 then
   redis.call("PEXPIRE", KEYS[2], ARGV[5])
 end
 redis.call("PUBLISH", ARGV[1], digits .. "|" .. ARGV[2])
+if KEYS[3] then redis.call("SET", KEYS[3], digits .. ":" .. ARGV[7], "PX", ARGV[6]) end
 return id
 """
 

@@ -207,3 +207,27 @@ async def test_an_instance_killed_mid_stream_its_clients_resume_on_the_other(
             assert ids == sent  # complete, in order, once, across the kill
         for user in (publisher, *victims[3:]):
             await user.close()
+
+
+async def test_a_resend_on_another_instance_reaches_the_room_once(
+    tmp_path: Path, ca: trustme.CA, client_ssl: ssl.SSLContext, redis_server: RedisServer
+) -> None:
+    async with cluster(tmp_path, ca, client_ssl, redis_server) as c:
+        listener = await c.user("listener", 1)
+        await listener.join()
+        alice = await c.user("alice", 0)
+        await alice.join()
+        chat = {"type": "chat", "room": "lobby", "message": "only once", "ref": "m-1"}
+        await alice.send(chat)
+        first = await alice.recv_type("chat")
+        await alice.close()  # as if the acknowledgement had been lost with the connection
+        back = await c.user("alice", 1)  # the page comes back on the other instance...
+        await back.join()
+        await back.send(chat)  # ...and sends its pending message again, same ref
+        again = await back.recv_type("chat")
+        assert (again["id"], again["ts"], again["ref"]) == (first["id"], first["ts"], "m-1")
+        await back.send({"type": "chat", "room": "lobby", "message": "next", "ref": "m-2"})
+        heard = [(await listener.recv_type("chat"))["message"] for _ in range(2)]
+        assert heard == ["only once", "next"]  # the resend reached nobody
+        await back.close()
+        await listener.close()
