@@ -169,7 +169,7 @@ async def test_slow_consumer_is_closed_4008_and_never_slows_others(
             for sent in range(batch, count + 1, batch):
                 for i in range(batch):
                     await sender.send(
-                        {"type": "chat", "room": "lobby", "message": body, "ref": str(i)}
+                        {"type": "chat", "room": "lobby", "message": body, "ref": f"{sent}-{i}"}
                     )
                 # Readers that keep up are never more than one batch behind...
                 while min(received.values()) < sent:
