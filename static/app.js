@@ -17,6 +17,7 @@
 //   #current-room[data-room], #leave-room, #members > li[data-user-id], #member-count, #typing
 //   #members > li.members-more (no data-user-id): only in a large room, whose list is a sample: "and N more",
 //                    N being #member-count (the room's users, from the server's member_count) less those listed
+//   #messages > li.gap[data-room]: where history did not reach back (messages missed while away are not shown)
 //   #messages (role=log, aria-live=polite) > li.msg[data-room][data-user-id][data-own=true|false]
 //                    [data-status=pending|sent|failed][data-ref (own messages)][data-id (once acknowledged)]
 //                    children .msg-from, time.msg-time, .msg-status ("sending…", "not sent"), .msg-text
@@ -31,6 +32,7 @@ const STABLE_MS = 10_000; // default stableMs: a connection this old resets the 
 // accept-then-close loops)
 const [TYPING_EVERY_MS, TYPING_IDLE_MS, TYPING_SHOWN_MS] = [2000, 3000, 5000];
 const [PING_EVERY_MS, PONG_WAIT_MS, MAX_LOG] = [25_000, 10_000, 500];
+const HISTORY_ON_JOIN = 50; // a newcomer's context: the room's last chats
 const ROOM_RE = /^[A-Za-z0-9_.:-]{1,64}$/;
 const STOP_CODES = new Set([1000, 1003, 1007, 1008]);
 
@@ -81,6 +83,15 @@ export function framesOf(text) {
   return isMessage(data) ? [data] : [];
 }
 
+// Resume (docs/protocol.md, History and resume): where a message with chat id `id` goes among a room's
+// messages, given their ids in display order (null: an own message not acknowledged yet, which stays put):
+// after every message with a smaller id, so a room reads in id order whatever order frames came in.
+export function insertionIndex(ids, id) {
+  let at = ids.length;
+  while (at > 0 && ids[at - 1] != null && ids[at - 1] > id) at -= 1;
+  return at;
+}
+
 /** The line under a large room's sample list: "and N more" when `total` users outnumber the `shown` ones. */
 export function moreMembersText(total, shown) {
   const more = Number.isInteger(total) && Number.isInteger(shown) ? total - shown : 0;
@@ -116,6 +127,7 @@ export function errorText(frame) {
     not_joined: "You are not in that room: join it first.",
     invalid_json: "The server could not read a message from this page.",
     unavailable: `The server could not pass that on just now — try again in ${seconds} s`,
+    since_ahead: "The server lost this room's earlier messages (it restarted).",
     overloaded: `The server is busy — sending again in ${seconds} s`,
   };
   return Object.hasOwn(texts, frame.code) ? texts[frame.code] : detail || "Something went wrong.";
@@ -226,7 +238,9 @@ function startApp() {
       const item = node("li");
       item.append(btn);
       // count: the room's size while it is large (its members list is then a sample), else null.
-      r = { name, joined: false, members: new Map(), count: null, typing: new Map(), log: [], btn, item };
+      // lastId: the newest chat id seen (a rejoin asks for what followed it); ids: those shown (no duplicate).
+      r = { name, joined: false, members: new Map(), count: null, typing: new Map(), log: [], btn, item,
+        lastId: null, ids: new Set() };
       S.rooms.set(name, r);
     }
     return r;
@@ -308,12 +322,31 @@ function startApp() {
     return li;
   }
   function addMessage(r, li, force = false) {
-    r.log.push(li);
-    if (r.log.length > MAX_LOG) r.log.shift().remove();
+    const id = li.dataset.id ? Number(li.dataset.id) : null;
+    const at = id == null ? r.log.length : insertionIndex(r.log.map((x) => (x.dataset.id ? Number(x.dataset.id) : null)), id);
+    const before = r.log[at] ?? null;
+    r.log.splice(at, 0, li);
+    if (r.log.length > MAX_LOG) {
+      const gone = r.log.shift();
+      gone.remove();
+      if (gone.dataset.id) r.ids.delete(Number(gone.dataset.id));
+    }
     if (r.name !== S.active) return;
     const nearBottom = ui.log.scrollHeight - ui.log.scrollTop - ui.log.clientHeight < 80;
-    ui.log.append(li);
+    ui.log.insertBefore(li, before && before.parentNode === ui.log ? before : null);
     if (force || nearBottom) ui.log.scrollTop = ui.log.scrollHeight;
+  }
+  function addGap(r, text) { // history did not reach back: some messages are not shown
+    const li = node("li", "gap", text);
+    li.dataset.room = r.name;
+    addMessage(r, li);
+  }
+  function sawChat(r, f) { // false when this chat id is shown already (a replay of what was seen)
+    if (!Number.isSafeInteger(f.id)) return true;
+    if (r.lastId == null || f.id > r.lastId) r.lastId = f.id;
+    if (r.ids.has(f.id)) return false;
+    r.ids.add(f.id);
+    return true;
   }
   function failPending(ref) {
     const p = S.pending.get(ref);
@@ -466,6 +499,7 @@ function startApp() {
         r.members = new Map((Array.isArray(f.members) ? f.members : []).map((u) => [u.id, u]));
         r.count = f.members_truncated === true && Number.isInteger(f.member_count) ? f.member_count : null;
       }
+      if (f.recovered === false) addGap(r, "Some earlier messages could not be loaded.");
       S.wanted.add(f.room);
       saveRooms();
       for (const [ref, p] of S.pending) {
@@ -492,7 +526,18 @@ function startApp() {
       const r = room(f.room);
       clearTyping(r, f.from?.id);
       const p = f.ref ? S.pending.get(f.ref) : undefined;
-      if (p) { S.pending.delete(f.ref); S.acked.add(f.ref); return fillMessage(p.el, f, "sent"); }
+      const fresh = sawChat(r, f); // false: this id is shown already (a replay overlapping what was seen)
+      if (p) { // acknowledged: moved to its id's place among what arrived meanwhile
+        S.pending.delete(f.ref); S.acked.add(f.ref);
+        const i = r.log.indexOf(p.el);
+        if (i >= 0) { r.log.splice(i, 1); p.el.remove(); }
+        if (fresh) { fillMessage(p.el, f, "sent"); addMessage(r, p.el); return; }
+      }
+      if (!fresh) { // e.g. a resent chat whose first copy came back in a replay: that copy is the one
+        const shown = r.log.find((x) => x.dataset.id === String(f.id));
+        if (shown && f.ref) fillMessage(shown, f, "sent");
+        return;
+      }
       if (f.ref && S.acked.has(f.ref)) return; // a resent message acknowledged twice: show it once
       addMessage(r, makeMessage(f, "sent"));
     },
@@ -542,6 +587,12 @@ function startApp() {
       const joinRoomName = S.joinRefs.get(f.ref);
       if (joinRoomName && f.code === "forbidden_room") { S.wanted.delete(joinRoomName); saveRooms(); }
       S.joinRefs.delete(f.ref);
+      if (joinRoomName && f.code === "since_ahead") { // the room's ids restarted: a new era, from now on
+        const r = room(joinRoomName);
+        [r.lastId, r.ids] = [null, new Set()];
+        addGap(r, "The server lost this room's earlier messages.");
+        joinRoom(joinRoomName);
+      }
     },
   };
   function onFrame(text) {
@@ -551,7 +602,10 @@ function startApp() {
   function joinRoom(name) {
     S.wanted.add(name);
     const ref = newRef();
-    if (send({ type: "join", room: name, ref })) S.joinRefs.set(ref, name);
+    const r = room(name);
+    // Back in a room: what followed the last message seen; new to it: its last few, for context.
+    const resume = r.lastId != null ? { since: r.lastId } : { history: HISTORY_ON_JOIN };
+    if (send({ type: "join", room: name, ref, ...resume })) S.joinRefs.set(ref, name);
   }
 
   // ---- typing out ----

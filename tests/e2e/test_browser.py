@@ -22,6 +22,7 @@ import pytest
 from playwright.async_api import Browser, expect
 
 from gateway.auth import mint_token
+from gateway.errors import CloseCode
 from gateway.hypercorn_fixes import TransportControl
 from gateway.metrics import ATTEMPT_OUTCOMES
 from tests.e2e.browser import (
@@ -871,3 +872,63 @@ async def test_a_chat_refused_as_overloaded_stays_pending_and_goes_once_the_serv
         assert refusal["code"] == "overloaded" and refusal["ref"] == sent[0]["ref"]
         await bob.close()
         ann.assert_clean()
+
+
+# ---- 6. resume after a reconnect ----
+
+
+async def cut_off(page: ChatPage, gw: Gateway, sub_name: str) -> None:
+    """Take ``page`` offline and end its connection (as a drain does): it cannot come back
+    until it is online again."""
+    await page.context.set_offline(True)
+    for session in list(gw.services.sessions.values()):
+        if session.principal.name == sub_name:
+            session.request_close(CloseCode.GOING_AWAY, "test: cut off")
+    await expect(page.state).not_to_have_attribute("data-state", "connected")
+
+
+async def test_a_page_back_from_offline_shows_what_it_missed_once_in_order_or_a_gap(
+    serve_pages: StartGateway, pages: Pages
+) -> None:
+    async with serve_pages(GATEWAY_HISTORY_SIZE="5") as gw:
+        alice = await pages.open(gw.base_url, reconnect_options={"baseMs": 200, "capMs": 1000})
+        await alice.sign_in("alice")
+        bob = await gw.user("bob")
+        await bob.join("lobby")
+        texts = alice.messages.locator(".msg-text")
+        gaps = alice.page.locator("#messages > li.gap")
+
+        async def say(*lines: str) -> None:
+            for line in lines:
+                await bob.request({"type": "chat", "room": "lobby", "message": line}, "chat")
+
+        await say("one", "two")
+        await expect(texts).to_have_text(["one", "two"])
+
+        # Away while three are said (history keeps five): back with no reload, each once.
+        await cut_off(alice, gw, "alice")
+        await say("three", "four", "five")
+        await alice.context.set_offline(False)
+        await alice.wait_in_room("lobby", wait_seconds=10)
+        await expect(texts).to_have_text(["one", "two", "three", "four", "five"])
+        await expect(gaps).to_have_count(0)
+        await alice.send("mine")
+
+        # Away while more are said than history keeps: the newest five, after a gap marker.
+        await cut_off(alice, gw, "alice")
+        await say(*(f"late {n}" for n in range(8)))
+        await alice.context.set_offline(False)
+        await alice.wait_in_room("lobby", wait_seconds=10)
+        newest = [f"late {n}" for n in range(3, 8)]
+        await expect(texts).to_have_text(["one", "two", "three", "four", "five", "mine", *newest])
+        await expect(gaps).to_have_count(1)
+        order = await alice.page.eval_on_selector_all(
+            "#messages > li",
+            "items => items.map(li => li.classList.contains('gap')"
+            " ? 'GAP' : li.querySelector('.msg-text').textContent)",
+        )
+        assert order == ["one", "two", "three", "four", "five", "mine", "GAP", *newest]
+        ids = [int(i) for i in await alice.messages.evaluate_all("m => m.map(li => li.dataset.id)")]
+        assert ids == sorted(ids) and len(set(ids)) == len(ids)
+        await bob.close()
+        alice.assert_clean(server_went_down=True)
