@@ -85,7 +85,7 @@ async def test_clients_cut_off_at_random_resume_and_miss_nothing(
         for listener in listeners:
             await listener.connect(gw)
         readers = {listener: asyncio.create_task(listener.read()) for listener in listeners}
-        per_room, cuts_wanted = 300, 16
+        per_room, cuts_wanted = 1000, 24
         sent: dict[str, list[int]] = {room: [] for room in ROOMS}
         cuts: list[str] = []
 
