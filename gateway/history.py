@@ -1,8 +1,9 @@
-"""Room history and the seam between a replay and live delivery.
+"""Room history and the seam between a replay and live delivery (docs/protocol.md, History
+and resume).
 
-Not wired yet: this is the first step of resume after reconnect (room history, ``join`` with
-``since``, ``recovered`` in ``joined``). The brokers keep it and the session replays from it in
-the next steps; until then nothing on the wire changes.
+The memory broker keeps a :class:`History`; the Redis broker keeps a stream per room and
+answers with :func:`recover`, the same rule; the session replays a recovery and joins it to
+the live traffic through a :class:`Seam`.
 
 A room keeps its last chat messages, bounded twice: at most ``size`` of them, none older than
 ``ttl_seconds`` (:class:`RoomHistory`). Each is kept as the broadcast's own JSON text, under

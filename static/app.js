@@ -4,7 +4,7 @@
 // Stable hooks for end-to-end tests:
 //   #conn-state[data-state=connecting|connected|disconnected|reconnecting]  (hidden while nobody is signed in) text "Connecting…", "Connected",
 //                    "Disconnected", "Reconnecting in N s…"
-//   #notice (role=status)[data-code=<error code>|too_long|session-expired|close-<code>|signin|link-expired|
+//   #notice (role=status)[data-code=<error code>|too_long|outbox_full|session-expired|close-<code>|signin|link-expired|
 //                    link-invalid|""]
 //   #live            visually hidden live region: every connection state change
 //   #signin-panel, #signin (form), #signin-name, #signin-submit
@@ -22,7 +22,7 @@
 //                    [data-status=pending|sent|failed][data-ref (own messages)][data-id (once acknowledged)]
 //                    children .msg-from, time.msg-time, .msg-status ("sending…", "not sent"), .msg-text
 //   #composer (form), #message-input, #send-button
-//   window.chatClient: reconnectDelayMs, closeAction, refreshDelayMs, checkOutgoing, typingText, errorText,
+//   window.chatClient: reconnectDelayMs, closeAction, refreshDelayMs, checkOutgoing, typingText, errorText, maxPending,
 //                    reconnectDelays (every backoff delay scheduled, ms), reconnectOptions ({baseMs, capMs,
 //                    stableMs, random?}: read at each use; a window.chatClient.reconnectOptions set by an
 //                    init script before this module runs is merged in), state (read-only snapshot).
@@ -33,6 +33,8 @@ const STABLE_MS = 10_000; // default stableMs: a connection this old resets the 
 const [TYPING_EVERY_MS, TYPING_IDLE_MS, TYPING_SHOWN_MS] = [2000, 3000, 5000];
 const [PING_EVERY_MS, PONG_WAIT_MS, MAX_LOG] = [25_000, 10_000, 500];
 const HISTORY_ON_JOIN = 50; // a newcomer's context: the room's last chats
+// The outbox: own messages sent and not acknowledged yet, resent (same ref) after a reconnect; at most this many.
+export const MAX_PENDING = 100;
 const ROOM_RE = /^[A-Za-z0-9_.:-]{1,64}$/;
 const STOP_CODES = new Set([1000, 1003, 1007, 1008]);
 
@@ -205,6 +207,7 @@ function startApp() {
   const api = {
     reconnectDelayMs, closeAction, refreshDelayMs, checkOutgoing, typingText, errorText,
     reconnectDelays: [],
+    maxPending: MAX_PENDING, // read at each send
     reconnectOptions: { baseMs: 500, capMs: 15000, stableMs: STABLE_MS, ...window.chatClient?.reconnectOptions },
     get state() {
       return { conn: S.conn, attempt: S.attempt, user: S.user, active: S.active, joined: [...S.rooms.values()]
@@ -632,6 +635,9 @@ function startApp() {
     ev.preventDefault();
     const message = ui.input.value;
     if (!message.trim() || !canSend()) return;
+    if (S.pending.size >= api.maxPending) {
+      return notify(`${S.pending.size} messages are still waiting to be sent — wait a moment`, "outbox_full");
+    }
     const ref = newRef();
     const frame = { type: "chat", room: S.active, message, ref };
     const problem = checkOutgoing(JSON.stringify(frame), message, S.limits);

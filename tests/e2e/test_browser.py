@@ -859,6 +859,15 @@ async def test_a_chat_refused_as_overloaded_stays_pending_and_goes_once_the_serv
         pending = ann.message("when you can")
         await expect(pending).to_have_attribute("data-status", "pending")
         await expect(pending.locator(".msg-status")).to_have_text("sending…")
+        # The outbox is bounded: with one message waiting and a bound of one, the next is not
+        # taken (it stays in the input) and the notice says why.
+        await ann.page.evaluate("window.chatClient.maxPending = 1")
+        await ann.input.fill("not yet")
+        await ann.input.press("Enter")
+        await expect(ann.notice).to_have_attribute("data-code", "outbox_full")
+        await expect(ann.message("not yet")).to_have_count(0)
+        await expect(ann.input).to_have_value("not yet")
+        await ann.input.fill("")
         for _ in range(3):
             load.sample(0.0)  # caught up
         assert not load.overloaded
