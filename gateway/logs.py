@@ -18,6 +18,8 @@ import orjson
 __all__ = ["JsonFormatter", "configure_logging"]
 
 _STANDARD = frozenset(vars(logging.makeLogRecord({})).keys()) | {"message", "asctime"}
+#: The fields every line has; an ``extra`` of the same name is kept as ``extra.<name>``.
+_OWN = frozenset({"ts", "level", "logger", "event", "exception"})
 
 
 class JsonFormatter(logging.Formatter):
@@ -33,7 +35,9 @@ class JsonFormatter(logging.Formatter):
         }
         for key, value in vars(record).items():
             if key not in _STANDARD and not key.startswith("_"):
-                entry[key] = value
+                # An extra field never replaces the record's own (``level``, ``event``...): a
+                # value a client chose cannot forge what a line says it is.
+                entry[f"extra.{key}" if key in _OWN else key] = value
         if record.exc_info:
             entry["exception"] = self.formatException(record.exc_info)
         try:

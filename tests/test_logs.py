@@ -55,6 +55,28 @@ def test_extras_are_fields() -> None:
     assert entry["client"] is None
 
 
+def test_an_extra_never_overwrites_the_records_own_fields() -> None:
+    entry = formatted(record("upgrade rejected", level=logging.WARNING, event="forged", logger="x"))
+    assert (entry["level"], entry["event"], entry["logger"]) == (
+        "warning",
+        "upgrade rejected",
+        "gateway.test",
+    )
+    assert (entry["extra.event"], entry["extra.logger"]) == ("forged", "x")
+    entry = formatted(record("hello", ts="1970", exception="none"))
+    assert entry["ts"].endswith("Z") and "exception" not in entry
+    assert (entry["extra.ts"], entry["extra.exception"]) == ("1970", "none")
+
+
+def test_an_extra_named_level_is_kept_apart() -> None:
+    logger = logging.getLogger("gateway.test")
+    made = logger.makeRecord(
+        "gateway.test", logging.ERROR, __file__, 1, "m", (), None, extra={"level": "info"}
+    )
+    entry = formatted(made)
+    assert (entry["level"], entry["extra.level"]) == ("error", "info")
+
+
 def test_a_multi_line_message_stays_on_one_line() -> None:
     entry = formatted(record('line one\nline two\r\n{"forged": true}'))
     assert entry["event"] == 'line one\nline two\r\n{"forged": true}'
