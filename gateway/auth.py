@@ -90,6 +90,21 @@ def _text_ok(value: object, max_chars: int) -> bool:
     )
 
 
+#: Format characters a display name may hold: the zero-width non-joiner and joiner, which
+#: scripts (Persian, Indic) and emoji sequences need. Every other format character (category
+#: Cf: bidi overrides and isolates such as U+202E, marks, zero-width spaces, tags) is refused:
+#: in a name they only serve to impersonate ("alice" + U+200B) or reorder what follows.
+_NAME_FORMAT_ALLOWED = frozenset("\u200c\u200d")
+
+
+def _name_ok(value: object) -> bool:
+    """A display name: 1 to 64 characters, not blank, no control or format character but
+    those of :data:`_NAME_FORMAT_ALLOWED` (docs/protocol.md, Credentials)."""
+    return _text_ok(value, 64) and not any(
+        unicodedata.category(c) == "Cf" and c not in _NAME_FORMAT_ALLOWED for c in str(value)
+    )
+
+
 def _rooms_ok(rooms: object) -> bool:
     return (
         isinstance(rooms, list) and len(rooms) <= MAX_ROOMS and all(is_room_name(r) for r in rooms)
@@ -239,8 +254,11 @@ class TokenVerifier:
         if not _text_ok(sub, 128):
             raise _claims_error("the sub claim must be a string of 1 to 128 characters")
         name = payload.get("name", sub)
-        if not _text_ok(name, 64):
-            raise _claims_error("the name claim must be a string of 1 to 64 characters")
+        if not _name_ok(name):
+            raise _claims_error(
+                "the name claim must be a string of 1 to 64 characters, without control or "
+                "format characters (bidi overrides, zero-width spaces)"
+            )
         rooms = payload.get("rooms", [])
         if not _rooms_ok(rooms):
             raise _claims_error(f"the rooms claim must be a list of at most {MAX_ROOMS} room names")
@@ -333,13 +351,21 @@ def mint_token(
     room_list = list(rooms)
     if not _text_ok(sub, 128):
         raise ValueError("sub must be a string of 1 to 128 characters without control characters")
-    if name is not None and not _text_ok(name, 64):
-        raise ValueError("name must be a string of 1 to 64 characters without control characters")
+    if not _name_ok(sub if name is None else name):
+        raise ValueError(
+            "name (the sub when no name is given) must be a string of 1 to 64 characters "
+            "without control or format characters (bidi overrides, zero-width spaces)"
+        )
     if not _rooms_ok(room_list):
         raise ValueError(f"rooms must be at most {MAX_ROOMS} names matching {ROOM_NAME.pattern}")
     if not (math.isfinite(ttl_seconds) and ttl_seconds > 0):
         raise ValueError("ttl_seconds must be a positive number")
     issued_at = int(time.time() if now is None else now)
+    if issued_at + ttl_seconds > _MAX_NUMERIC_DATE:
+        raise ValueError(
+            f"ttl_seconds is too large: the token would expire after what the verifier accepts "
+            f"(at most {int(_MAX_NUMERIC_DATE - issued_at)} seconds from now)"
+        )
     claims: dict[str, Any] = {"sub": sub, "rooms": sorted(set(room_list)), "iat": issued_at}
     claims["exp"] = issued_at + max(1, int(ttl_seconds))
     if name is not None:

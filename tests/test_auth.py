@@ -336,6 +336,12 @@ async def test_exp_optional_when_configured() -> None:
         {"name": "n" * 65},
         {"name": None},
         {"name": "Eve\x00"},
+        {"name": "\u202eecila"},  # a right-to-left override: shows as "alice"
+        {"name": "ali\u200bce"},  # a zero-width space: looks like "alice"
+        {"name": "\u2066alice\u2069"},  # an isolate
+        {"name": "\ufeffalice"},  # a byte order mark
+        {"name": "alice\u200e"},  # a left-to-right mark
+        {"sub": "\u202eecila"},  # no name: the sub is the name
         {"rooms": "lobby"},
         {"rooms": None},
         {"rooms": {"lobby": True}},
@@ -358,6 +364,20 @@ async def test_exp_optional_when_configured() -> None:
 )
 async def test_invalid_claims(verifier: TokenVerifier, changes: dict[str, object]) -> None:
     assert (await rejected(verifier, hs_token(claims(**changes)))).reason == "invalid_claims"
+
+
+@pytest.mark.parametrize(
+    "name",
+    [
+        "\u0645\u0647\u200c\u0633\u0627",  # Persian, with the zero-width non-joiner it needs
+        "\U0001f468\u200d\U0001f469\u200d\U0001f467",  # an emoji family, joined by ZWJ
+        "\u05d3\u05d5\u05d3",  # Hebrew, right to left by itself: no override needed
+        "Zoë",
+    ],
+)
+async def test_names_of_every_script_pass(verifier: TokenVerifier, name: str) -> None:
+    assert (await verifier.verify(hs_token(claims(name=name)))).name == name
+    mint_token(hs_settings(), sub="u", name=name)
 
 
 def _deep_header(depth: int) -> str:
@@ -828,6 +848,10 @@ def test_mint_needs_hs256_and_a_secret(tmp_path: Path, ed_key: ed25519.Ed25519Pr
         {"ttl_seconds": 0},
         {"ttl_seconds": float("nan")},
         {"ttl_seconds": float("inf")},
+        {"ttl_seconds": 1e12},  # beyond the latest exp the verifier accepts
+        {"name": "\u202eecila"},
+        {"sub": "ali\u200bce"},  # and no name: the sub would be the name
+        {"sub": "s" * 65},  # the same: a name has at most 64 characters
     ],
 )
 def test_mint_refuses_invalid_claims(changes: dict[str, Any]) -> None:

@@ -85,6 +85,8 @@ async def test_token_from_the_secret_file_after_dev_setup(tmp_path: Path) -> Non
         ("--sub", "alice", "--ttl", "inf"),
         ("--sub", "alice", "--ttl", "-5"),
         ("--sub", "alice", "--ttl", "0"),
+        ("--sub", "alice", "--ttl", "1e12"),
+        ("--sub", "alice", "--name", "\u202eecila"),
     ],
 )
 async def test_token_refuses_invalid_claims(tmp_path: Path, args: tuple[str, ...]) -> None:

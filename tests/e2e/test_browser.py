@@ -461,6 +461,39 @@ async def test_markup_in_messages_and_names_is_shown_as_text(
             page.assert_clean()
 
 
+async def test_bidi_controls_in_a_message_stay_inside_it(
+    serve_pages: StartGateway, pages: Pages
+) -> None:
+    tricky = "see \u202etxt.exe and \u2066more"  # an override and an isolate, never closed
+    async with serve_pages() as gw:
+        alice = await pages.open(gw.base_url)
+        await alice.sign_in("alice")
+        bob = await pages.open(gw.base_url)
+        await bob.sign_in("bob")
+        await alice.send(tricky)
+        await alice.send("plain")
+        await expect(bob.messages.locator(".msg-text")).to_have_text([tricky, "plain"])
+        # Each piece of user text is its own bidi island (CSS), so the override reorders that
+        # message's text alone: not its author's name, its time, or the next message.
+        styles = await bob.page.evaluate(
+            """() => Object.fromEntries(['.msg-text', '.msg-from', '#members > li', '#me']
+                .map((s) => [s, getComputedStyle(document.querySelector(s)).unicodeBidi]))"""
+        )
+        assert styles == {
+            ".msg-text": "plaintext",
+            ".msg-from": "isolate",
+            "#members > li": "isolate",
+            "#me": "isolate",
+        }
+        # A display name with such controls is refused where tokens are made.
+        response = await bob.page.request.post(
+            gw.base_url + "/dev/token", data={"name": "\u202eecila"}
+        )
+        assert response.status == 400
+        alice.assert_clean()
+        bob.assert_clean()
+
+
 # ---- 5. token expiry ----
 
 
