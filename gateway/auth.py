@@ -11,7 +11,6 @@ an injected clock.
 
 from __future__ import annotations
 
-import asyncio
 import math
 import re
 import time
@@ -27,6 +26,7 @@ from cryptography.hazmat.primitives.serialization import load_pem_public_key
 from jwt.types import Options
 
 from gateway.errors import AuthError
+from gateway.jwks import JwksCache, JwksError
 from gateway.settings import ROOM_NAME, Settings, is_room_name
 
 __all__ = [
@@ -54,7 +54,6 @@ _ALLOWED_TYPES = frozenset({"jwt", "at+jwt"})
 _DEFAULT_PORTS = {"http": 80, "https": 443}
 _LOCAL_HOSTS = frozenset({"localhost", "127.0.0.1", "::1"})
 _MAX_NUMERIC_DATE = 253_402_300_799.0  # 9999-12-31T23:59:59Z
-_JWKS_TIMEOUT_SECONDS = 5.0
 _DECODE_ERRORS: tuple[tuple[type[Exception], str, str], ...] = (  # the first match wins
     (jwt.InvalidSignatureError, "bad_signature", "the token signature does not verify"),
     (jwt.InvalidAlgorithmError, "disallowed_algorithm", "the token's algorithm is not allowed"),
@@ -143,17 +142,15 @@ def _algorithms_for_key(key: object, allowed: tuple[str, ...]) -> tuple[str, ...
     return algorithms
 
 
-async def _jwks_key(client: jwt.PyJWKClient, kid: object) -> jwt.PyJWK:
+async def _jwks_key(cache: JwksCache, kid: object) -> jwt.PyJWK:
     if not isinstance(kid, str) or not 1 <= len(kid) <= 256:
         raise AuthError("unknown_key", "the token names no key of the key set (kid)")
-    try:  # the lookup may fetch the key set: keep the network off the event loop
-        return await asyncio.to_thread(client.get_signing_key, kid)
-    except jwt.PyJWKClientConnectionError:
-        raise AuthError("jwks_unavailable", "the key set cannot be fetched") from None
-    except jwt.PyJWKClientError:
+    try:
+        return await cache.key(kid)
+    except KeyError:
         raise AuthError("unknown_key", "the token names no key of the key set (kid)") from None
-    except (jwt.PyJWTError, ValueError, OSError):  # not JSON, no usable key, socket errors
-        raise AuthError("jwks_unavailable", "the key set cannot be used") from None
+    except JwksError:
+        raise AuthError("jwks_unavailable", "the key set cannot be fetched or used") from None
 
 
 class TokenVerifier:
@@ -170,16 +167,17 @@ class TokenVerifier:
     def __init__(self, settings: Settings, *, clock: Callable[[], float] = time.time) -> None:
         self._settings = settings
         self._clock = clock
-        self._jwks: jwt.PyJWKClient | None = None
+        self._jwks: JwksCache | None = None
         self._key: Any = None
         if settings.secret_algorithms and settings.public_key_algorithms:
             raise ValueError("GATEWAY_JWT_ALGORITHMS mixes HS256 with public-key algorithms")
         if settings.public_key_algorithms and settings.jwt_jwks_url is not None:
             self._algorithms = settings.public_key_algorithms
-            self._jwks = jwt.PyJWKClient(
+            self._jwks = JwksCache(
                 settings.jwt_jwks_url,
-                lifespan=settings.jwt_jwks_cache_seconds,
-                timeout=_JWKS_TIMEOUT_SECONDS,
+                fresh_seconds=settings.jwt_jwks_cache_seconds,
+                max_stale_seconds=settings.jwt_jwks_max_stale_seconds,
+                allowed_hosts=settings.jwt_jwks_allowed_hosts,
             )
         elif settings.public_key_algorithms and settings.jwt_public_key_file is not None:
             self._key = load_pem_public_key(settings.jwt_public_key_file.read_bytes())

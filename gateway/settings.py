@@ -161,6 +161,8 @@ class Settings:
     jwt_leeway_seconds: float = 10.0
     jwt_require_exp: bool = True
     jwt_jwks_cache_seconds: float = 300.0
+    jwt_jwks_max_stale_seconds: float = 86400.0
+    jwt_jwks_allowed_hosts: tuple[str, ...] = ()
 
     allowed_origins: tuple[str, ...] = ()
     allow_missing_origin: bool = True
@@ -395,6 +397,10 @@ def load_settings(env: Mapping[str, str]) -> Settings:
         jwt_leeway_seconds=r.number("GATEWAY_JWT_LEEWAY_SECONDS", 10.0, 0.0, 300.0),
         jwt_require_exp=r.boolean("GATEWAY_JWT_REQUIRE_EXP", True),
         jwt_jwks_cache_seconds=r.number("GATEWAY_JWT_JWKS_CACHE_SECONDS", 300.0, 1.0, 86400.0),
+        jwt_jwks_max_stale_seconds=r.number(
+            "GATEWAY_JWT_JWKS_MAX_STALE_SECONDS", 86400.0, 1.0, 7 * 86400.0
+        ),
+        jwt_jwks_allowed_hosts=_jwks_hosts(r, jwks_url),
         allowed_origins=origins,
         allow_missing_origin=r.boolean("GATEWAY_ALLOW_MISSING_ORIGIN", True),
         open_rooms=open_rooms,
@@ -505,6 +511,25 @@ def _check_keys(
         r.problems.append(f"GATEWAY_JWT_PUBLIC_KEY_FILE: {public_key_file} does not exist")
     if jwks_url is not None:
         _check_url(r, "GATEWAY_JWT_JWKS_URL", jwks_url, ("https", "http"), "an https:// URL")
+
+
+def _jwks_hosts(r: _Reader, jwks_url: str | None) -> tuple[str, ...]:
+    """``GATEWAY_JWT_JWKS_ALLOWED_HOSTS``: the hosts a key set fetch may be redirected to;
+    by default the URL's own host alone. The URL's host must be among them."""
+    hosts = tuple(host.lower() for host in r.listing("GATEWAY_JWT_JWKS_ALLOWED_HOSTS", ()))
+    if jwks_url is None:
+        return hosts
+    try:
+        own = (urlsplit(jwks_url).hostname or "").lower()
+    except ValueError:
+        return hosts  # the URL's own problem is reported by _check_url
+    if not hosts:
+        return (own,)
+    if own not in hosts:
+        r.problems.append(
+            f"GATEWAY_JWT_JWKS_ALLOWED_HOSTS must include {own!r}, the host of GATEWAY_JWT_JWKS_URL"
+        )
+    return hosts
 
 
 def _url_scheme(url: str) -> str | None:
