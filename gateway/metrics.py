@@ -34,6 +34,8 @@ from prometheus_client import (
 )
 from prometheus_client.metrics_core import GaugeMetricFamily, Metric
 
+from gateway.audit import EVENTS as AUDIT_EVENTS
+from gateway.audit import Audit
 from gateway.broker.base import DROP_REASONS
 from gateway.errors import CloseCode
 from gateway.protocol import CLIENT_TYPES, SERVER_TYPES
@@ -281,6 +283,17 @@ class Metrics:
             registry=r,
         )
         self._shed = {kind: shed.labels(kind) for kind in SHED_TYPES}
+        security = Counter(
+            "gateway_security_events_total",
+            "Security decisions, by event (each also one line of the gateway.audit log): "
+            "refused tokens and origins, rate limits, abuse closes, refused frames, messages on "
+            "Redis that are not ours.",
+            ["event"],
+            registry=r,
+        )
+        self._security = {event: security.labels(event) for event in AUDIT_EVENTS}
+        #: The audit trail: one line per security decision, counted here (gateway.audit).
+        self.audit = Audit(self)
         self._duplicates = Counter(
             "gateway_chat_duplicates_total",
             "Chats not broadcast because their sender had sent the same ref to the room within "
@@ -296,6 +309,10 @@ class Metrics:
     def shed(self, kind: str) -> None:
         """A client message of ``kind`` (chat, typing) was refused because of overload."""
         self._shed[kind].inc()
+
+    def security_event(self, event: str) -> None:
+        """A security decision (gateway.audit counts each here)."""
+        self._security[event].inc()
 
     def duplicate(self) -> None:
         """A chat was a resend of one already broadcast (the same ``ref``): not sent again."""
@@ -343,8 +360,10 @@ class Metrics:
         self._broker_received.inc()
 
     def broker_dropped(self, reason: str) -> None:
-        """Count a dropped broker message; ``reason`` is one of DROP_REASONS."""
+        """Count a dropped broker message; ``reason`` is one of DROP_REASONS. A security
+        decision too (the Redis broker logs its audit line, with the room)."""
         self._broker_dropped[reason].inc()
+        self.security_event("broker_message_dropped")
 
     def broker_reconnected(self) -> None:
         self.broker_reconnects.inc()

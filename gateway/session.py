@@ -330,6 +330,12 @@ class Session:
     def _reject(self, rejection: MessageRejected) -> None:
         self._log_refusal(str(rejection.code))
         if rejection.code is ErrorCode.RATE_LIMITED:
+            self.metrics.audit.record(
+                "message_rate_limited",
+                client=self.client,
+                conn_id=self.conn_id,
+                user_id=self.user_id,
+            )
             if self._rate_abuse.record():
                 raise ConnectionClosing(CloseCode.RATE_ABUSE, "rate limit exceeded repeatedly")
         elif rejection.code in CLIENT_FAULTS and self._invalid.record():

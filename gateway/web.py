@@ -63,6 +63,23 @@ _ATTEMPT_OUTCOMES = {
     "shutting_down": "shutting_down",
     "unavailable": "unavailable",
 }
+#: The audit event (gateway.audit) of an upgrade refused with each error; the others are the
+#: server's own state, not a decision about the client.
+_AUDIT_EVENTS = {
+    "invalid_token": "auth_refused",
+    "origin_not_allowed": "origin_refused",
+    "too_many_attempts": "connect_rate_limited",
+    "too_many_connections": "connection_cap",
+    "server_full": "connection_cap",
+}
+#: The audit event of a connection that ended with each close code.
+_AUDIT_CLOSES: dict[int, str] = {
+    CloseCode.POLICY_VIOLATION: "abuse_closed",
+    CloseCode.RATE_ABUSE: "abuse_closed",
+    CloseCode.MESSAGE_TOO_BIG: "frame_refused",
+    CloseCode.INVALID_PAYLOAD: "frame_refused",
+    CloseCode.UNSUPPORTED_DATA: "frame_refused",
+}
 #: RFC 6455 section 7.1.5: the code of a connection closed without a close frame (never sent).
 _DROPPED = 1006
 #: Close codes the server's WebSocket layer sends for a frame it refuses before the app sees it.
@@ -281,10 +298,14 @@ def create_blueprint(services: Services) -> Blueprint:
         except HandshakeRejected as rejection:
             reason = rejection.reason if isinstance(rejection, AuthError) else rejection.error
             metrics.attempt(_ATTEMPT_OUTCOMES.get(rejection.error, "unavailable"))
-            log.info(
-                "upgrade rejected",
-                extra={"client": address, "status": rejection.status, "reason": reason},
-            )
+            event = _AUDIT_EVENTS.get(rejection.error)
+            if event is not None:  # a security decision: the audit trail has it
+                metrics.audit.record(event, client=address, status=rejection.status, reason=reason)
+            else:  # the server's own state (draining, its stores down)
+                log.info(
+                    "upgrade rejected",
+                    extra={"client": address, "status": rejection.status, "reason": reason},
+                )
             return _rejection(rejection)
         conn_id = secrets.token_urlsafe(9)
         session = Session(
@@ -338,6 +359,15 @@ def create_blueprint(services: Services) -> Blueprint:
                     metrics.rejected(_TRANSPORT_REJECTS[code])
             if accepted:
                 metrics.connection_closed(code)
+                closed_for = _AUDIT_CLOSES.get(code)
+                if closed_for is not None:
+                    metrics.audit.record(
+                        closed_for,
+                        client=address,
+                        conn_id=conn_id,
+                        user_id=principal.user_id,
+                        close_code=int(code),
+                    )
             # Logged before leaving the rooms: that awaits, and Quart may cancel it.
             log.info(
                 "connection closed",

@@ -352,10 +352,10 @@ async def test_a_second_forwarded_for_line_from_the_proxy_is_believed(
     # extending the first must not let the client's line pick the address.
     overrides = {"GATEWAY_TLS": "proxy", "GATEWAY_TRUSTED_PROXIES": "10.0.0.0/8"}
     headers = Headers([("X-Forwarded-For", "6.6.6.6"), ("X-Forwarded-For", "198.51.100.7")])
-    caplog.set_level(logging.INFO, logger="gateway.web")
+    caplog.set_level(logging.INFO, logger="gateway.audit")
     async with running(overrides) as (_, client):
         await rejection(client, headers=headers, scope_base=peer("10.0.0.1"))
-    clients = [r.__dict__.get("client") for r in caplog.records if r.msg == "upgrade rejected"]
+    clients = [r.__dict__.get("client") for r in caplog.records if r.msg == "auth_refused"]
     assert clients == ["198.51.100.7"]
 
 
@@ -487,7 +487,7 @@ async def test_no_token_reaches_a_log_record(caplog: pytest.LogCaptureFixture) -
         await rejection(client, headers=bearer(bad))
     messages = [r.msg for r in caplog.records]
     assert "connection accepted" in messages
-    assert "upgrade rejected" in messages
+    assert "auth_refused" in messages
     for record in caplog.records:
         text = json.dumps(record.__dict__, default=repr) + record.getMessage()
         for token in (good, bad):
@@ -496,11 +496,11 @@ async def test_no_token_reaches_a_log_record(caplog: pytest.LogCaptureFixture) -
 
 
 async def test_a_rejection_is_logged_with_its_reason(caplog: pytest.LogCaptureFixture) -> None:
-    caplog.set_level(logging.INFO, logger="gateway.web")
+    caplog.set_level(logging.INFO, logger="gateway.audit")
     expired = forged({"sub": "eve", "exp": time.time() - 3600}, TEST_SECRET)
     async with running() as (_, client):
         await rejection(client, headers=bearer(expired), scope_base=peer("203.0.113.5"))
-    (record,) = [r for r in caplog.records if r.msg == "upgrade rejected"]
+    (record,) = [r for r in caplog.records if r.msg == "auth_refused"]
     assert record.__dict__["status"] == 401
     assert record.__dict__["reason"] == "expired"
     assert record.__dict__["client"] == "203.0.113.5"

@@ -667,7 +667,7 @@ async def test_a_flood_of_garbage_is_counted_and_logged_rarely(
     raw: redis.asyncio.Redis,
     caplog: pytest.LogCaptureFixture,
 ) -> None:
-    caplog.set_level(logging.WARNING, logger="gateway.broker.redis")
+    caplog.set_level(logging.WARNING, logger="gateway.audit")
     a = await gateways(redis_server.url)
     await a.broker.subscribe("lobby")
     flood = 2000
@@ -679,7 +679,7 @@ async def test_a_flood_of_garbage_is_counted_and_logged_rarely(
     await a.inbox.wait_for(1)
     assert a.inbox.payloads() == ["after the flood"]
     assert a.observer.dropped == Counter(malformed=flood)
-    drops = [r for r in caplog.records if r.getMessage() == "dropped a message from Redis"]
+    drops = [r for r in caplog.records if r.getMessage() == "broker_message_dropped"]
     assert len(drops) == 1
 
 

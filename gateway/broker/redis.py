@@ -92,6 +92,7 @@ __all__ = [
     "RedisBroker",
 ]
 
+audit_log = logging.getLogger("gateway.audit")
 log = logging.getLogger(__name__)
 
 #: Every command, and the socket's own timeouts: a call never waits longer for Redis.
@@ -880,9 +881,9 @@ class RedisBroker(Broker):
         except Rejected as rejected:
             self._observer.broker_dropped(rejected.reason)
             skipped = self._throttle.allow(f"drop:{rejected.reason}")
-            if skipped is not None:
-                log.warning(
-                    "dropped a message from Redis",
+            if skipped is not None:  # a line of the audit trail (gateway.audit), throttled
+                audit_log.warning(
+                    "broker_message_dropped",
                     extra={"room": room, "reason": rejected.reason, "skipped": skipped},
                 )
             return

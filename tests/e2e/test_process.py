@@ -209,7 +209,7 @@ async def test_production_process_serves_chat_and_stops_cleanly(
     assert all(isinstance(entry, dict) for entry in entries), stderr
     events = [entry["event"] for entry in entries]
     assert "connection accepted" in events  # the logs were captured: the search below means it
-    assert "upgrade rejected" in events
+    assert "auth_refused" in events
     assert any(entry["logger"] == "gateway.access" for entry in entries)
     for secret_text in (token, query_token, forged):
         _header, payload, signature = secret_text.split(".")
@@ -259,5 +259,5 @@ async def test_production_process_accepts_only_access_tokens_for_its_audience(
 
     _, stderr = gateway.output()
     entries = [json.loads(line) for line in stderr.splitlines()]
-    reasons = [e["reason"] for e in entries if e["event"] == "upgrade rejected"]
+    reasons = [e["reason"] for e in entries if e["event"] == "auth_refused"]
     assert reasons == list(refused)
