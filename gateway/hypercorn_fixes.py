@@ -590,15 +590,20 @@ class GatewayWSStream(WSStream):
         # Hypercorn sleeps the whole interval between pings in a task of its own, so a closed
         # connection's task (and with it the TCP server task) lingered up to
         # GATEWAY_PING_INTERVAL_SECONDS and held up shutdown, and every idle connection kept a
-        # sleeping task. Here: the first ping now, then a timer per ping, cancelled when the
-        # stream ends; this task ends at once.
-        await self._ping()
+        # sleeping task. Here: a timer per ping, cancelled when the stream ends; this task ends
+        # at once. The first ping is one interval after the accept, not at once as Hypercorn
+        # sends it: a connection just made needs no keepalive, and a client still writing its
+        # first frame would answer the ping in the middle of it (Autobahn's 6.4.3 and 6.4.4 do).
+        self._schedule_ping()
 
     async def _ping(self) -> None:
         if self.closed:
             return
         self._pings_unanswered += 1
         await self._send_wsproto_event(Ping())
+        self._schedule_ping()
+
+    def _schedule_ping(self) -> None:
         if not self.closed and self.config.websocket_ping_interval is not None:
             loop = asyncio.get_running_loop()
             self._ping_timer = loop.call_later(self.config.websocket_ping_interval, self._ping_due)
