@@ -53,6 +53,11 @@
    an ``h2c`` upgrade is answered as if the header were absent (RFC 7540 section 3.2), and the
    preface is an HTTP/1.1 request like any other, refused.
 
+12. **Every TLS connection holds a 256 KiB read buffer** (asyncio's ``SSLProtocol.max_size``,
+   allocated zero-filled, so resident, for each connection at its start): a TLS connection
+   cost 320 KiB of memory where a plain one costs 37. A TLS record is at most 16 KiB: the
+   buffer is :data:`TLS_READ_BUFFER_BYTES` here (a larger inflow takes more reads, no more).
+
 :func:`install` points Hypercorn at the fixed HTTP/1.1 protocol, stream and TCP server;
 server.py calls it and sets :class:`SafeAccessLogger`.
 ``pyproject.toml`` pins Hypercorn 0.18.*, and the end-to-end tests (tests/e2e/) prove each fix
@@ -62,6 +67,7 @@ on a real socket, so an upgrade that changes these internals fails loudly.
 from __future__ import annotations
 
 import asyncio
+import asyncio.sslproto
 import contextlib
 import dataclasses
 import socket
@@ -106,6 +112,7 @@ __all__ = [
     "COALESCE_LAG_SECONDS",
     "SAFE_ACCESS_ATOMS",
     "SOCKET_CLOSE_TIMEOUT_SECONDS",
+    "TLS_READ_BUFFER_BYTES",
     "TRANSPORT_EXTENSION",
     "WRITE_BUFFER_HIGH_BYTES",
     "ByteCountingBuffer",
@@ -130,6 +137,9 @@ SOCKET_CLOSE_TIMEOUT_SECONDS = 10.0
 #: outbox's bound, what a connection holds unsent in the process; the kernel's socket buffer
 #: comes on top, and is freed by the abort's reset.
 WRITE_BUFFER_HIGH_BYTES = 64 * 1024
+#: The encrypted bytes one read of a TLS connection takes at most (asyncio allocates this much
+#: per connection, at once: fix 12). Two TLS records.
+TLS_READ_BUFFER_BYTES = 32 * 1024
 #: The ASGI scope extension where the app finds its WebSocket's :class:`TransportControl`
 #: (a namespaced key, as the ASGI specification allows servers to add).
 TRANSPORT_EXTENSION = "gateway.transport"
@@ -753,6 +763,7 @@ def install(*, permessage_deflate: bool) -> None:
     """Make Hypercorn use :class:`GatewayH11Protocol`, :class:`GatewayWSStream` and
     :class:`GatewayTCPServer`."""
     GatewayWSStream.permessage_deflate = permessage_deflate
+    asyncio.sslproto.SSLProtocol.max_size = TLS_READ_BUFFER_BYTES
     hypercorn.protocol.H11Protocol = GatewayH11Protocol  # type: ignore[attr-defined]
     hypercorn.protocol.h11.WSStream = GatewayWSStream  # type: ignore[attr-defined]
     hypercorn.protocol.h2.WSStream = GatewayWSStream  # type: ignore[attr-defined]

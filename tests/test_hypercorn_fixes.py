@@ -365,3 +365,12 @@ async def test_a_batch_is_bounded_by_the_buffer_limit_and_dropped_for_a_lost_con
     transport.closing = True
     await asyncio.sleep(0)
     assert len(transport.writes) == 1
+
+
+def test_install_bounds_the_read_buffer_asyncio_gives_each_tls_connection() -> None:
+    import asyncio.sslproto
+
+    from gateway.hypercorn_fixes import TLS_READ_BUFFER_BYTES, install
+
+    install(permessage_deflate=False)
+    assert asyncio.sslproto.SSLProtocol.max_size == TLS_READ_BUFFER_BYTES == 32 * 1024

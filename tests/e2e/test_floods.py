@@ -1,17 +1,28 @@
-"""Handshake floods on the real TLS server, with the bounds docs/deployment.md states: sockets
-that stall before or inside the handshake cost a descriptor for a bounded time and never keep
-a real client out."""
+"""Floods on the real TLS server, with the bounds docs/deployment.md states: sockets that stall
+before or inside the handshake cost a descriptor for a bounded time and never keep a real client
+out; 2000 connections that never read while a publisher floods leave the server's memory
+bounded."""
 
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
+import json
+import os
+import socket
 import ssl
 import time
+from pathlib import Path
 
 import pytest
+import trustme
 
+from gateway.auth import mint_token
+from gateway.settings import load_settings
 from tests.e2e.conftest import Gateway
+from tests.e2e.rawclient import TEXT, frame
+from tests.e2e.test_process import connect, gateway_process, receive_type
 from tests.helpers import timeout
 
 pytestmark = pytest.mark.e2e
@@ -66,3 +77,113 @@ async def test_stalled_handshakes_are_dropped_and_never_keep_a_real_client_out(
     await client.send({"type": "ping", "ref": "still"})
     assert (await client.recv_type("pong"))["ref"] == "still"
     await client.close()
+
+
+# ---- never-reading connections under a flood: the server's memory stays bounded ----
+
+NEVER_READERS = 2000
+#: What one TLS connection may cost the server when it is made (its Quart and Hypercorn
+#: objects, OpenSSL's state, asyncio's read buffer: 32 KiB since fix 12 of
+#: gateway.hypercorn_fixes; it was 256 KiB, and a connection 320 KiB): measured about 100 KiB.
+CONNECTED_BOUND = 160 * 1024
+#: What a flood may add per connection that never reads: its transport's buffer is capped at
+#: 64 KiB and its send queue holds references to frames shared by all recipients, not copies
+#: (measured: under 20 KiB; the kernel's socket buffers hold the rest, outside the process).
+FLOOD_BOUND = 96 * 1024
+
+
+def rss_bytes(pid: int) -> int:
+    with open(f"/proc/{pid}/status") as status:
+        for line in status:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+    raise AssertionError("no VmRSS")
+
+
+async def never_reader(port: int, client_ssl: ssl.SSLContext, token: str) -> Stall:
+    """A client that upgrades, joins the lobby, and never reads again (a tiny receive buffer:
+    the server's writes back up at once)."""
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    sock.setblocking(False)
+    await asyncio.get_running_loop().sock_connect(sock, ("127.0.0.1", port))
+    reader, writer = await asyncio.open_connection(
+        sock=sock, ssl=client_ssl, server_hostname="localhost"
+    )
+    key = base64.b64encode(os.urandom(16)).decode()
+    writer.write(
+        (
+            f"GET /ws HTTP/1.1\r\nHost: localhost\r\nUpgrade: websocket\r\n"
+            f"Connection: Upgrade\r\nSec-WebSocket-Key: {key}\r\n"
+            f"Sec-WebSocket-Version: 13\r\nAuthorization: Bearer {token}\r\n\r\n"
+        ).encode()
+    )
+    head = await reader.readuntil(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 101"), head[:200]
+    writer.write(frame(TEXT, b'{"type":"join","room":"lobby"}'))
+    await writer.drain()
+    return reader, writer
+
+
+async def test_never_reading_connections_under_a_flood_leave_memory_bounded(
+    tmp_path: Path, ca: trustme.CA, client_ssl: ssl.SSLContext
+) -> None:
+    env = {
+        "GATEWAY_CONNECT_RATE": "1000000/minute",
+        "GATEWAY_MAX_CONNECTIONS": "5000",
+        "GATEWAY_RATE_PER_SECOND": "1000",
+        "GATEWAY_RATE_BURST": "1000",
+        "GATEWAY_USER_MESSAGE_RATE": "1000000/second",
+        "GATEWAY_LOG_LEVEL": "WARNING",
+    }
+    async with gateway_process(tmp_path, ca, client_ssl, **env) as gateway:
+        settings = load_settings({k: v for k, v in gateway.env.items() if k.startswith("GATEWAY_")})
+        pid = gateway.process.pid
+        before = rss_bytes(pid)
+        readers: list[Stall] = []
+        for start in range(0, NEVER_READERS, 100):
+            readers += await asyncio.gather(
+                *(
+                    never_reader(gateway.port, client_ssl, mint_token(settings, sub=f"z{n}"))
+                    for n in range(start, start + 100)
+                )
+            )
+        await asyncio.sleep(0.5)
+        connected = rss_bytes(pid)
+        token = mint_token(settings, sub="publisher")
+        publisher = await connect(
+            gateway, client_ssl, additional_headers={"Authorization": f"Bearer {token}"}
+        )
+        await publisher.send(json.dumps({"type": "join", "room": "lobby", "ref": "j"}))
+        await receive_type(publisher, "joined")
+
+        async def read_own_copies() -> None:
+            with contextlib.suppress(Exception):
+                while True:
+                    await publisher.recv()
+
+        reading = asyncio.create_task(read_own_copies())
+        peak = connected
+        body = "f" * 2000
+        for n in range(300):  # 300 x 2000 x 2 KB: 1.2 GB offered to clients that never read
+            await publisher.send(json.dumps({"type": "chat", "room": "lobby", "message": body}))
+            if n % 20 == 0:
+                await asyncio.sleep(0.05)
+                peak = max(peak, rss_bytes(pid))
+        for _ in range(10):  # while the server writes what it can
+            await asyncio.sleep(0.3)
+            peak = max(peak, rss_bytes(pid))
+        per_connection = (connected - before) / NEVER_READERS
+        per_flood = (peak - connected) / NEVER_READERS
+        print(
+            f"\nserver RSS {before / 2**20:.0f} MiB; {connected / 2**20:.0f} MiB with "
+            f"{NEVER_READERS} TLS connections ({per_connection / 1024:.0f} KiB each); "
+            f"{peak / 2**20:.0f} MiB at the flood's peak (+{per_flood / 1024:.0f} KiB each)"
+        )
+        assert per_connection <= CONNECTED_BOUND
+        assert per_flood <= FLOOD_BOUND
+        assert gateway.process.returncode is None
+        reading.cancel()
+        await publisher.close()
+        for _, writer in readers:
+            writer.close()
