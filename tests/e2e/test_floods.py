@@ -187,3 +187,42 @@ async def test_never_reading_connections_under_a_flood_leave_memory_bounded(
         await publisher.close()
         for _, writer in readers:
             writer.close()
+
+
+async def test_half_open_connections_past_the_descriptor_limit_never_lock_real_clients_out(
+    tmp_path: Path, ca: trustme.CA, client_ssl: ssl.SSLContext
+) -> None:
+    """More half-open connections than the process has descriptors: while they hold them, new
+    connections wait in the listen backlog (asyncio pauses accepting for a second at each
+    EMFILE); as the stalled ones are dropped (the TLS handshake timeout), a real client gets
+    in. The process neither dies nor spins."""
+    limit = 256
+    env = {"GATEWAY_CONNECT_RATE": "1000000/minute", "GATEWAY_LOG_LEVEL": "WARNING"}
+    async with gateway_process(tmp_path, ca, client_ssl, open_files=str(limit), **env) as gateway:
+        stalls = [
+            await asyncio.open_connection("127.0.0.1", gateway.port) for _ in range(2 * limit)
+        ]
+        settings = load_settings({k: v for k, v in gateway.env.items() if k.startswith("GATEWAY_")})
+        token = mint_token(settings, sub="real")
+        started = time.monotonic()
+        # Two rounds of stalled sockets (those past the limit wait in the backlog, then stall
+        # in their turn): twice the drop bound.
+        async with asyncio.timeout(timeout(2 * DROPPED_WITHIN_SECONDS)):
+            while True:  # a real client: served once descriptors are free again
+                try:
+                    ws = await connect(
+                        gateway, client_ssl, additional_headers={"Authorization": f"Bearer {token}"}
+                    )
+                    break
+                except (OSError, TimeoutError, ssl.SSLError):
+                    await asyncio.sleep(0.5)
+        await ws.send(json.dumps({"type": "join", "room": "lobby", "ref": "j"}))
+        assert (await receive_type(ws, "joined"))["ref"] == "j"
+        print(
+            f"\n{2 * limit} half-open connections, {limit} descriptors: a real client in after "
+            f"{time.monotonic() - started:.1f} s"
+        )
+        await ws.close()
+        assert gateway.process.returncode is None
+        for _, writer in stalls:
+            writer.close()

@@ -12,6 +12,7 @@ import asyncio
 import contextlib
 import json
 import os
+import resource
 import secrets
 import signal
 import ssl
@@ -102,11 +103,23 @@ async def wait_until_serving(gateway: Process, client_ssl: ssl.SSLContext) -> No
 
 @contextlib.asynccontextmanager
 async def gateway_process(
-    tmp_path: Path, ca: trustme.CA, client_ssl: ssl.SSLContext, **env_overrides: str
+    tmp_path: Path,
+    ca: trustme.CA,
+    client_ssl: ssl.SSLContext,
+    *,
+    open_files: str | None = None,
+    **env_overrides: str,
 ) -> AsyncIterator[Process]:
+    """A production ``python -m gateway serve``; ``open_files`` (a number) lowers its
+    descriptor limit."""
     port = free_port()
     env = {**production_env(tmp_path, ca, port), **env_overrides}
     stdout_file, stderr_file = tmp_path / "stdout.txt", tmp_path / "stderr.txt"
+
+    def limit_files() -> None:
+        if open_files is not None:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (int(open_files), int(open_files)))
+
     with stdout_file.open("wb") as stdout, stderr_file.open("wb") as stderr:
         process = await asyncio.create_subprocess_exec(
             sys.executable,
@@ -118,6 +131,7 @@ async def gateway_process(
             stdin=asyncio.subprocess.DEVNULL,
             stdout=stdout,
             stderr=stderr,
+            preexec_fn=limit_files if open_files is not None else None,
         )
     gateway = Process(process, env, port, stdout_file, stderr_file)
     try:
