@@ -196,7 +196,7 @@ async def test_half_open_connections_past_the_descriptor_limit_never_lock_real_c
     connections wait in the listen backlog (asyncio pauses accepting for a second at each
     EMFILE); as the stalled ones are dropped (the TLS handshake timeout), a real client gets
     in. The process neither dies nor spins."""
-    limit = 256
+    limit = 1024
     env = {"GATEWAY_CONNECT_RATE": "1000000/minute", "GATEWAY_LOG_LEVEL": "WARNING"}
     async with gateway_process(tmp_path, ca, client_ssl, open_files=str(limit), **env) as gateway:
         stalls = [
