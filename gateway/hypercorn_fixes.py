@@ -25,7 +25,8 @@
    record only the atoms in :data:`SAFE_ACCESS_ATOMS`.
 7. **A TLS peer that sends data after our close_notify** makes ``TCPServer._close`` raise
    ``ssl.SSLError`` out of the connection task: logged as an unhandled error per connection,
-   and at shutdown it escapes ``serve()`` and aborts the graceful stop. The connection is
+   and at shutdown it escapes ``serve()`` and aborts the graceful stop; so does a connection
+   the kernel gave up on while its buffer flushed (``ETIMEDOUT``, a reset). The connection is
    closed either way; :class:`GatewayTCPServer` says so quietly.
 8. **The client's close code never reaches the app**: ``websocket.disconnect`` carries 1000
    when the app had closed and 1006 otherwise, so a client's close 1000 or 4000 looks like a
@@ -744,8 +745,9 @@ class GatewayTCPServer(TCPServer):
     async def _close(self) -> None:
         # Closing waits for the write buffer to flush: not for ever.
         self.close_within(SOCKET_CLOSE_TIMEOUT_SECONDS)
-        # The transport is closed whether or not the peer's close_notify dance was clean.
-        with contextlib.suppress(ssl.SSLError):
+        # The transport is closed whether or not the peer's close_notify dance was clean, or
+        # the kernel gave up on the connection (ETIMEDOUT, a reset) while it flushed.
+        with contextlib.suppress(ssl.SSLError, ConnectionError, TimeoutError):
             await super()._close()
 
 
