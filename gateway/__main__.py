@@ -15,6 +15,7 @@ import os
 import sys
 from collections.abc import Sequence
 
+from gateway import __version__
 from gateway.settings import Settings, SettingsError, load_settings
 
 __all__ = ["main"]
@@ -22,6 +23,7 @@ __all__ = ["main"]
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="gateway", description=__doc__.split("\n")[0])
+    parser.add_argument("--version", action="version", version=f"gateway {__version__}")
     commands = parser.add_subparsers(dest="command", required=True)
     commands.add_parser("serve", help="start the gateway as configured by GATEWAY_* variables")
     token = commands.add_parser("token", help="print a token signed with the configured secret")

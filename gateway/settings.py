@@ -277,8 +277,16 @@ class _Reader:
 
         return self.parsed(name, default, parse, "a boolean (true/false)")
 
-    def choice(self, name: str, default: str, choices: tuple[str, ...]) -> str:
+    def choice(
+        self,
+        name: str,
+        default: str,
+        choices: tuple[str, ...],
+        fold: Callable[[str], str] | None = None,
+    ) -> str:
         value = self.text(name, default)
+        if fold is not None:
+            value = fold(value)
         if value not in choices:
             self.problems.append(f"{name}={value!r} must be one of: {', '.join(choices)}")
             return default
@@ -434,7 +442,8 @@ def load_settings(env: Mapping[str, str]) -> Settings:
         permessage_deflate=r.boolean("GATEWAY_PERMESSAGE_DEFLATE", False),
         backlog=r.integer("GATEWAY_BACKLOG", 2048, 1024, 65535),
         ping_interval_seconds=r.number("GATEWAY_PING_INTERVAL_SECONDS", 20.0, 0.0, 3600.0),
-        log_level=r.choice("GATEWAY_LOG_LEVEL", "INFO", _LOG_LEVELS),
+        # Upper or lower case: the logs themselves print the level in lower case.
+        log_level=r.choice("GATEWAY_LOG_LEVEL", "INFO", _LOG_LEVELS, fold=str.upper),
         metrics_host=r.text("GATEWAY_METRICS_HOST", "127.0.0.1"),
         metrics_port=r.integer("GATEWAY_METRICS_PORT", 9102, 0, 65535),
         workers=r.integer("GATEWAY_WORKERS", 1, 1, 64),

@@ -314,3 +314,10 @@ def test_serve_announces_itself_in_json_lines(
     assert starting["url"] == url
     assert any("DEVELOPMENT MODE" in e["event"] for e in entries) is warns
     assert TEST_SECRET not in captured.err
+
+
+async def test_version_prints_the_package_version(tmp_path: Path) -> None:
+    from gateway import __version__
+
+    result = await gateway_cli("--version", env=clean_env(), cwd=tmp_path)
+    assert (result.status, result.stdout.strip()) == (0, f"gateway {__version__}")

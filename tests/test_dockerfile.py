@@ -349,7 +349,7 @@ def test_the_labels_are_the_project_s() -> None:
         labels.update(env_pairs(instruction.arguments))
     project = tomllib.loads((ROOT / "pyproject.toml").read_text(encoding="utf-8"))["project"]
     assert labels["org.opencontainers.image.version"] == project["version"]
-    assert labels["org.opencontainers.image.licenses"] == project["license"]["text"]
+    assert labels["org.opencontainers.image.licenses"] == project["license"]
     assert labels["org.opencontainers.image.title"] == project["name"]
 
 

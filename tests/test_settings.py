@@ -388,3 +388,8 @@ def test_a_redis_broker_key_is_derived_in_development_and_at_least_32_bytes(
     key_file.write_text("b" * 40 + "\n")
     loaded = load_settings(prod_env(tmp_path, **redis, GATEWAY_BROKER_SECRET_FILE=str(key_file)))
     assert loaded.broker_secret == Secret("b" * 40)
+
+
+@pytest.mark.parametrize("written", ["warning", "Warning", "WARNING"])
+def test_the_log_level_is_read_in_either_case(written: str) -> None:
+    assert make_settings({"GATEWAY_LOG_LEVEL": written}).log_level == "WARNING"
