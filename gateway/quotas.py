@@ -25,12 +25,12 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 from urllib.parse import urlsplit
 
-import limits
 from limits.aio.storage import MemoryStorage, RedisStorage, Storage
 from limits.aio.strategies import MovingWindowRateLimiter, SlidingWindowCounterRateLimiter
 from limits.errors import StorageError
 
 from gateway.errors import HandshakeRejected
+from gateway.settings import parse_rate
 
 if TYPE_CHECKING:
     from redis.asyncio import ConnectionPool, Redis
@@ -238,13 +238,6 @@ class QuotaStore:
             await self._pool.aclose()
 
 
-def _one_limit(rate: str, setting: str) -> limits.RateLimitItem:
-    items = limits.parse_many(rate)  # raises ValueError
-    if len(items) != 1 or items[0].amount < 1:
-        raise ValueError(f"{setting} must be one limit of at least 1, like 30/minute: {rate!r}")
-    return items[0]
-
-
 class Throttle:
     """Says yes at most once per ``every`` seconds: for log lines that could come per call."""
 
@@ -295,11 +288,11 @@ class ConnectAttemptLimiter:
         store: where the attempts are counted.
 
     Raises:
-        ValueError: on a rate ``limits`` cannot parse, several limits, or a zero amount.
+        ValueError: on a rate :func:`~gateway.settings.parse_rate` refuses.
     """
 
     def __init__(self, rate: str, store: QuotaStore) -> None:
-        self._item = _one_limit(rate, "connect rate")
+        self._item = parse_rate(rate)
         self._store = store
         self._limiter = MovingWindowRateLimiter(store.storage)
 
@@ -340,11 +333,11 @@ class UserMessageQuota:
         store: where the messages are counted.
 
     Raises:
-        ValueError: on a rate ``limits`` cannot parse, several limits, or a zero amount.
+        ValueError: on a rate :func:`~gateway.settings.parse_rate` refuses.
     """
 
     def __init__(self, rate: str, store: QuotaStore) -> None:
-        self._item = _one_limit(rate, "user message rate")
+        self._item = parse_rate(rate)
         self._store = store
         self._limiter = SlidingWindowCounterRateLimiter(store.storage)
         self._warnings = Throttle()

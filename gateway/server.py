@@ -17,12 +17,15 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import errno
 import gc
 import logging
 import os
 import signal
 import socket
+import ssl
 from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
 
 from hypercorn.asyncio import serve as hypercorn_serve
 from hypercorn.config import Config
@@ -31,7 +34,7 @@ from quart import Quart
 from gateway import hypercorn_fixes
 from gateway.app import SERVICES_KEY, create_app, drain
 from gateway.metrics import MetricsServer
-from gateway.settings import SHUTDOWN_RESERVE_SECONDS, Settings
+from gateway.settings import DEV_FILES_HINT, SHUTDOWN_RESERVE_SECONDS, Settings
 from gateway.web import Services
 
 __all__ = [
@@ -39,7 +42,11 @@ __all__ = [
     "AFTER_SERVING_SECONDS",
     "GC_YOUNG_THRESHOLD",
     "SERVER_STOP_SECONDS",
+    "StartupError",
     "build_config",
+    "check_files",
+    "listen",
+    "listening_url",
     "run",
     "run_workers",
     "serve",
@@ -56,6 +63,100 @@ ACCESS_LOG_FORMAT = '%(h)s "%(r)s" %(s)s %(b)s %(D)s'
 SERVER_STOP_SECONDS = 1.0
 #: Hypercorn's lifespan shutdown timeout: the after-serving hooks (close the broker).
 AFTER_SERVING_SECONDS = SHUTDOWN_RESERVE_SECONDS - SERVER_STOP_SECONDS
+
+
+class StartupError(Exception):
+    """The gateway cannot start: one line for the operator that names the setting to change."""
+
+
+def _why(error: OSError) -> str:
+    """An OSError in words, with what an operator usually does about it."""
+    if isinstance(error, socket.gaierror):
+        return f"the host name does not resolve ({error.strerror})"
+    hints = {
+        errno.EADDRINUSE: "another process listens there (another gateway?); choose a free port",
+        errno.EADDRNOTAVAIL: "not an address of this machine",
+        errno.EACCES: "not allowed (ports below 1024 need privileges)",
+    }
+    what = error.strerror or str(error)
+    hint = hints.get(error.errno or 0)
+    return f"{what}: {hint}" if hint else what
+
+
+def check_files(settings: Settings) -> list[str]:
+    """What stops the server from using its TLS files, before it tries (empty when nothing).
+
+    The settings check cannot tell: it runs for ``token`` too, and in development the files
+    are defaults relative to the working directory, made by ``python -m gateway dev-setup``.
+    """
+    if settings.tls != "on" or settings.tls_cert_file is None or settings.tls_key_file is None:
+        return []  # production without them is refused by the settings check
+    problems: list[str] = []
+    for name, path in (
+        ("GATEWAY_TLS_CERT_FILE", settings.tls_cert_file),
+        ("GATEWAY_TLS_KEY_FILE", settings.tls_key_file),
+    ):
+        try:
+            with path.open("rb"):
+                pass
+        except FileNotFoundError:
+            where = "" if path.is_absolute() else f" in the working directory {Path.cwd()}"
+            problems.append(
+                f"{name}: {path} does not exist{where}"
+                + ("" if settings.is_production else f"; {DEV_FILES_HINT}")
+            )
+        except OSError as error:
+            problems.append(f"{name}: cannot read {path}: {error.strerror or error}")
+    if problems:
+        return problems
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+
+    def no_password() -> bytes:
+        raise ValueError("encrypted")
+
+    try:
+        context.load_cert_chain(settings.tls_cert_file, settings.tls_key_file, no_password)
+    except (ssl.SSLError, ValueError) as error:
+        return [
+            f"GATEWAY_TLS_CERT_FILE and GATEWAY_TLS_KEY_FILE cannot be used together ({error}): "
+            "each must be PEM, the key must be the certificate's and not encrypted"
+        ]
+    return []
+
+
+def listen(settings: Settings) -> socket.socket:
+    """The listening socket on GATEWAY_HOST:GATEWAY_PORT (a port 0 becomes a free one).
+
+    Raises:
+        StartupError: it cannot be bound, saying why and which setting to change.
+    """
+    host = settings.host.removeprefix("[").removesuffix("]")
+    try:
+        family, _type, _proto, _name, address = socket.getaddrinfo(
+            host, settings.port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
+        )[0]
+        sock = socket.socket(family, socket.SOCK_STREAM)
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            sock.bind(address)
+            sock.listen(settings.backlog)
+        except BaseException:
+            sock.close()
+            raise
+    except OSError as error:
+        raise StartupError(
+            f"cannot listen on GATEWAY_HOST={settings.host} GATEWAY_PORT={settings.port}: "
+            f"{_why(error)}"
+        ) from None
+    return sock
+
+
+def listening_url(settings: Settings, sock: socket.socket) -> str:
+    """The URL a browser on this machine would open for ``sock``."""
+    scheme = "https" if settings.tls == "on" else "http"
+    host = "localhost" if settings.host in {"127.0.0.1", "::1"} else settings.host
+    host = f"[{host}]" if ":" in host and not host.startswith("[") else host
+    return f"{scheme}://{host}:{sock.getsockname()[1]}/"
 
 
 def _bind_address(host: str, port: int) -> str:
@@ -108,7 +209,7 @@ async def serve(
     that never end by themselves, then cancel them.
 
     Raises:
-        OSError: the metrics address cannot be bound.
+        StartupError: the metrics address cannot be bound.
     """
     hypercorn_fixes.install(permessage_deflate=settings.permessage_deflate)
     config = build_config(settings, fd=fd)
@@ -131,7 +232,16 @@ async def _metrics_listener(settings: Settings, app: Quart) -> AsyncIterator[Non
     if settings.metrics_port == 0 or not isinstance(services, Services):
         yield
         return
-    server = MetricsServer(settings.metrics_host, settings.metrics_port, services.metrics.registry)
+    try:
+        server = MetricsServer(
+            settings.metrics_host, settings.metrics_port, services.metrics.registry
+        )
+    except OSError as error:
+        raise StartupError(
+            f"cannot serve metrics on GATEWAY_METRICS_HOST={settings.metrics_host} "
+            f"GATEWAY_METRICS_PORT={settings.metrics_port}: {_why(error)} "
+            "(GATEWAY_METRICS_PORT=0 turns the listener off)"
+        ) from None
     log.info(
         "metrics listening",
         extra={"host": settings.metrics_host, "port": server.port, "path": "/metrics"},
@@ -178,30 +288,22 @@ def tune_gc() -> None:
     gc.set_threshold(GC_YOUNG_THRESHOLD, middle, old)
 
 
-def run(settings: Settings) -> None:
-    """Blocking entry point for ``python -m gateway serve``: one process, or with
-    ``GATEWAY_WORKERS`` > 1 a supervisor of that many worker processes (:func:`run_workers`).
+def run(settings: Settings, sock: socket.socket) -> None:
+    """Blocking entry point for ``python -m gateway serve``: serve ``sock`` (from :func:`listen`)
+    from one process, or with ``GATEWAY_WORKERS`` > 1 from a supervisor of that many worker
+    processes (:func:`run_workers`).
 
     Raises:
+        StartupError: the gateway could not start (the metrics address cannot be bound).
         SystemExit: with a worker's failing status, when one failed.
     """
     tune_gc()
     if settings.workers == 1:
-        asyncio.run(serve(settings))
+        asyncio.run(serve(settings, fd=sock.detach()))  # Hypercorn owns (and closes) it now
         return
-    status = run_workers(settings)
+    status = run_workers(settings, sock)
     if status != 0:
         raise SystemExit(status)
-
-
-def _listening_socket(settings: Settings) -> socket.socket:
-    host = settings.host.removeprefix("[").removesuffix("]")
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    sock = socket.socket(family, socket.SOCK_STREAM)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    sock.bind((host, settings.port))
-    sock.listen(settings.backlog)
-    return sock
 
 
 def worker_settings(settings: Settings, index: int) -> Settings:
@@ -210,19 +312,18 @@ def worker_settings(settings: Settings, index: int) -> Settings:
     return dataclasses.replace(settings, metrics_port=port, workers=1)
 
 
-def run_workers(settings: Settings) -> int:
-    """Serve from ``settings.workers`` processes that share one listening socket, each a whole
+def run_workers(settings: Settings, sock: socket.socket) -> int:
+    """Serve from ``settings.workers`` processes that share the listening ``sock``, each a whole
     gateway (its own broker connection, presence entries, metrics port): settings.py requires
     a Redis broker and limits store for this, so they behave as one gateway, like instances.
 
-    The supervisor binds the socket, forks the workers before any event loop or thread
+    The supervisor forks the workers before any event loop or thread
     exists, forwards SIGTERM and SIGINT to them (each drains as a single process does), and
     waits. If a worker exits on its own, the others are stopped the same way.
 
     Returns:
         0 when every worker exited cleanly, else the first failing worker's status.
     """
-    sock = _listening_socket(settings)
     pids: list[int] = []
     for index in range(settings.workers):
         pid = os.fork()
@@ -233,6 +334,9 @@ def run_workers(settings: Settings) -> int:
                 sock.close()
                 asyncio.run(serve(worker_settings(settings, index), fd=fd))
                 code = 0
+            except StartupError as error:
+                log.error("gateway cannot start", extra={"worker": index, "problem": str(error)})
+                code = 2
             except BaseException:
                 log.exception("worker failed", extra={"worker": index})
             finally:

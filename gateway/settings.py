@@ -8,6 +8,7 @@ mistake. docs/configuration.md lists every variable read here; keep the two in s
 
 from __future__ import annotations
 
+import dataclasses
 import hmac
 import ipaddress
 import re
@@ -17,8 +18,11 @@ from pathlib import Path
 from typing import Literal, TypeVar
 from urllib.parse import urlsplit
 
+import limits
+
 __all__ = [
     "DEV_CERT_FILE",
+    "DEV_FILES_HINT",
     "DEV_KEY_FILE",
     "DEV_SECRET_FILE",
     "KNOWN_DEFAULT_SECRETS",
@@ -29,8 +33,10 @@ __all__ = [
     "Secret",
     "Settings",
     "SettingsError",
+    "describe",
     "is_room_name",
     "load_settings",
+    "parse_rate",
     "redact_url",
 ]
 
@@ -39,6 +45,11 @@ __all__ = [
 DEV_CERT_FILE = Path("certs/dev-cert.pem")
 DEV_KEY_FILE = Path("certs/dev-key.pem")
 DEV_SECRET_FILE = Path("certs/dev-jwt-secret")
+#: What a problem with one of them says to do about it.
+DEV_FILES_HINT = (
+    "python -m gateway dev-setup makes the development files in certs/ of the working "
+    "directory; make run runs it in the checkout"
+)
 
 #: Of the shutdown grace, the part kept for the server's own stop after the connections are
 #: closed: Hypercorn's graceful timeout and the after-serving hooks (gateway/server.py). The
@@ -105,7 +116,6 @@ def redact_url(url: str) -> str:
     return f"{parts.scheme}://{'***@' if at else ''}{host}{parts.path}"
 
 
-_LIMITS_NOTATION = re.compile(r"^\s*\d+\s*(/|per)\s*(\d+\s*)?(second|minute|hour|day)s?\s*$")
 _LOG_LEVELS = ("CRITICAL", "ERROR", "WARNING", "INFO", "DEBUG")
 
 
@@ -356,7 +366,8 @@ def load_settings(env: Mapping[str, str]) -> Settings:
     algorithms = r.listing("GATEWAY_JWT_ALGORITHMS", ())
     if not algorithms:
         algorithms = ("RS256", "ES256", "EdDSA") if (public_key_file or jwks_url) else ("HS256",)
-    _check_keys(r, algorithms, secret, public_key_file, jwks_url)
+    dev_secret_file = None if production or r.raw("GATEWAY_JWT_SECRET_FILE") else DEV_SECRET_FILE
+    _check_keys(r, algorithms, secret, public_key_file, jwks_url, dev_secret_file)
 
     origins = r.listing("GATEWAY_ALLOWED_ORIGINS", ())
     for origin in origins:
@@ -369,17 +380,8 @@ def load_settings(env: Mapping[str, str]) -> Settings:
         if not is_room_name(room):
             r.problems.append(f"GATEWAY_OPEN_ROOMS: {room!r} is not a valid room name")
 
-    connect_rate = r.text("GATEWAY_CONNECT_RATE", "30/minute")
-    if not _LIMITS_NOTATION.fullmatch(connect_rate):
-        r.problems.append(
-            f"GATEWAY_CONNECT_RATE={connect_rate!r} is not in limits notation, like 20/minute"
-        )
-    user_message_rate = r.text("GATEWAY_USER_MESSAGE_RATE", "20/second")
-    if not _LIMITS_NOTATION.fullmatch(user_message_rate):
-        r.problems.append(
-            f"GATEWAY_USER_MESSAGE_RATE={user_message_rate!r} is not in limits notation, "
-            "like 20/second"
-        )
+    connect_rate = _rate(r, "GATEWAY_CONNECT_RATE", "30/minute")
+    user_message_rate = _rate(r, "GATEWAY_USER_MESSAGE_RATE", "20/second")
     storage_url = r.text("GATEWAY_RATELIMIT_STORAGE_URL", "memory://")
     broker_url = r.text("GATEWAY_BROKER_URL", "memory://")
     for name, url in (
@@ -459,6 +461,73 @@ def load_settings(env: Mapping[str, str]) -> Settings:
     return settings
 
 
+def describe(settings: Settings, env: Mapping[str, str]) -> list[str]:
+    """The effective configuration as ``GATEWAY_NAME=value`` lines, for ``gateway config``.
+
+    Each line says where its value came from when not from the variable itself (``# default``,
+    or the file a secret was read from). Secrets show as ``***``, a URL's password as ``***``
+    (:func:`redact_url`): the output can be pasted into a ticket.
+    """
+    lines = []
+    for field in dataclasses.fields(settings):
+        name = f"GATEWAY_{field.name.upper()}"
+        value = getattr(settings, field.name)
+        if isinstance(value, Secret):
+            shown = "***"
+        elif value is None:
+            shown = ""
+        elif isinstance(value, bool):
+            shown = "true" if value else "false"
+        elif isinstance(value, tuple):
+            shown = ",".join(value)
+        elif field.name.endswith("_url"):
+            shown = redact_url(value)
+        else:
+            shown = str(value)
+        source = ""
+        if name not in env:
+            file_name = f"{name}_FILE"
+            if isinstance(value, Secret) and file_name in env:
+                source = f"  # read from {file_name}"
+            elif isinstance(value, Secret) and field.name == "jwt_secret":
+                source = f"  # read from {DEV_SECRET_FILE} (the development default)"
+            elif isinstance(value, Secret):
+                source = "  # derived from the JWT secret (development only)"
+            else:
+                source = "  # default"
+        lines.append(f"{name}={shown}{source}")
+    return lines
+
+
+def parse_rate(rate: str) -> limits.RateLimitItem:
+    """The one rule for a rate setting: one limit in ``limits`` notation, like ``30/minute``
+    or ``5 per 10 seconds``, of at least 1.
+
+    Several limits (``20/minute;100/hour``) are refused: each setting enforces one.
+
+    Raises:
+        ValueError: saying what is wrong, for a settings problem.
+    """
+    try:
+        items = limits.parse_many(rate)
+    except ValueError:
+        raise ValueError("is not in limits notation, like 20/minute or 5 per 10 seconds") from None
+    if len(items) != 1:
+        raise ValueError("names several limits; one only, like 20/minute")
+    if items[0].amount < 1:
+        raise ValueError("allows nothing; the amount must be at least 1, like 20/minute")
+    return items[0]
+
+
+def _rate(r: _Reader, name: str, default: str) -> str:
+    rate = r.text(name, default)
+    try:
+        parse_rate(rate)
+    except ValueError as error:
+        r.problems.append(f"{name}={rate!r} {error}")
+    return rate
+
+
 def _read_secret(
     r: _Reader, name: str, file_name: str, default_file: Path | None = None
 ) -> Secret | None:
@@ -494,6 +563,7 @@ def _check_keys(
     secret: Secret | None,
     public_key_file: Path | None,
     jwks_url: str | None,
+    dev_secret_file: Path | None,
 ) -> None:
     unknown = [a for a in algorithms if a not in SUPPORTED_ALGORITHMS]
     if unknown:
@@ -509,7 +579,13 @@ def _check_keys(
             "GATEWAY_JWT_ALGORITHMS mixes HS256 with public-key algorithms; choose one family"
         )
     if wants_secret and secret is None:
-        r.problems.append("HS256 needs GATEWAY_JWT_SECRET or GATEWAY_JWT_SECRET_FILE")
+        where = (
+            f" (the development default, {dev_secret_file} in the working directory "
+            f"{Path.cwd()}, is missing or empty: {DEV_FILES_HINT})"
+            if dev_secret_file is not None
+            else ""
+        )
+        r.problems.append(f"HS256 needs GATEWAY_JWT_SECRET or GATEWAY_JWT_SECRET_FILE{where}")
     if wants_public and public_key_file is None and jwks_url is None:
         r.problems.append(
             "public-key algorithms need GATEWAY_JWT_PUBLIC_KEY_FILE or GATEWAY_JWT_JWKS_URL"

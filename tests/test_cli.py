@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import stat
 import time
 from pathlib import Path
@@ -26,7 +27,7 @@ from gateway.settings import (
     Settings,
 )
 from tests.helpers import TEST_SECRET, make_settings
-from tests.processes import clean_env, free_port, gateway_cli
+from tests.processes import Result, clean_env, free_port, gateway_cli
 
 __all__: list[str] = []
 
@@ -274,8 +275,8 @@ async def test_dev_setup_writes_the_files_once(tmp_path: Path) -> None:
 @pytest.mark.parametrize(
     ("env", "url", "warns"),
     [
-        ({}, "https://localhost:3001/", True),
-        ({"GATEWAY_HOST": "::", "GATEWAY_TLS": "proxy"}, "http://[::]:3001/", True),
+        ({}, "https://localhost:{port}/", True),
+        ({"GATEWAY_HOST": "::", "GATEWAY_TLS": "proxy"}, "http://[::]:{port}/", True),
         (
             {
                 "GATEWAY_ENV": "production",
@@ -284,7 +285,7 @@ async def test_dev_setup_writes_the_files_once(tmp_path: Path) -> None:
                 "GATEWAY_ALLOWED_ORIGINS": "https://chat.example.com",
                 "GATEWAY_JWT_AUDIENCE": "chat",
             },
-            "http://localhost:3001/",
+            "http://localhost:{port}/",
             False,
         ),
     ],
@@ -301,17 +302,24 @@ def test_serve_announces_itself_in_json_lines(
     monkeypatch.setenv("GATEWAY_JWT_SECRET", TEST_SECRET)
     for name, value in env.items():
         monkeypatch.setenv(name, value)
-    started: list[Settings] = []
-    monkeypatch.setattr("gateway.server.run", started.append)
+    monkeypatch.setenv("GATEWAY_PORT", "0")  # the log names the port the system chose
+    started: list[tuple[Settings, int]] = []
+
+    def run(settings: Settings, sock: socket.socket) -> None:
+        started.append((settings, sock.getsockname()[1]))
+        sock.close()
+
+    monkeypatch.setattr("gateway.server.run", run)
     assert cli.main(["serve"]) == 0
-    assert len(started) == 1
+    ((settings, port),) = started
+    assert settings.port == 0 and port != 0
     captured = capsys.readouterr()
     assert captured.out == ""
     entries = [json.loads(line) for line in captured.err.splitlines()]
     assert all(isinstance(entry, dict) for entry in entries)
     (starting,) = [e for e in entries if e["event"] == "gateway starting"]
     assert starting["env"] == env.get("GATEWAY_ENV", "development")
-    assert starting["url"] == url
+    assert starting["url"] == url.format(port=port)
     assert any("DEVELOPMENT MODE" in e["event"] for e in entries) is warns
     assert TEST_SECRET not in captured.err
 
@@ -321,3 +329,168 @@ async def test_version_prints_the_package_version(tmp_path: Path) -> None:
 
     result = await gateway_cli("--version", env=clean_env(), cwd=tmp_path)
     assert (result.status, result.stdout.strip()) == (0, f"gateway {__version__}")
+
+
+# --- start-up failures: one clear line and status 2, never a traceback ----------------------
+
+
+def one_clear_line(result: Result) -> str:
+    assert (result.status, result.stdout) == (2, ""), result
+    assert "Traceback" not in result.stderr
+    assert TEST_SECRET not in result.stderr
+    return result.stderr
+
+
+@pytest.mark.parametrize(
+    ("name", "value", "says"),
+    [
+        ("GATEWAY_CONNECT_RATE", "0/minute", "allows nothing"),
+        ("GATEWAY_USER_MESSAGE_RATE", "0/second", "allows nothing"),
+        ("GATEWAY_CONNECT_RATE", "20/minute;100/hour", "names several limits"),
+        ("GATEWAY_USER_MESSAGE_RATE", "20/second,100/minute", "names several limits"),
+        ("GATEWAY_CONNECT_RATE", "lots", "is not in limits notation"),
+    ],
+)
+@pytest.mark.parametrize("command", ["serve", "config"])
+async def test_a_rate_the_gateway_cannot_enforce_is_a_settings_problem(
+    tmp_path: Path, name: str, value: str, says: str, command: str
+) -> None:
+    env = clean_env(GATEWAY_JWT_SECRET=TEST_SECRET, **{name: value})
+    stderr = one_clear_line(await gateway_cli(command, env=env, cwd=tmp_path))
+    assert f"{name}={value!r} {says}" in stderr, stderr
+
+
+@pytest.mark.parametrize(
+    ("host", "says"),
+    [
+        ("no-such-host.invalid", "the host name does not resolve"),
+        ("192.0.2.1", "not an address of this machine"),  # TEST-NET-1: never local
+    ],
+)
+async def test_an_address_that_cannot_be_bound_names_the_setting(
+    tmp_path: Path, host: str, says: str
+) -> None:
+    env = clean_env(GATEWAY_JWT_SECRET=TEST_SECRET, GATEWAY_TLS="proxy", GATEWAY_HOST=host)
+    stderr = one_clear_line(await gateway_cli("serve", env=env, cwd=tmp_path))
+    assert stderr.startswith(f"gateway: cannot listen on GATEWAY_HOST={host} GATEWAY_PORT="), stderr
+    assert says in stderr
+    assert stderr.count("\n") == 1
+
+
+async def test_a_port_in_use_names_the_setting(tmp_path: Path) -> None:
+    with socket.create_server(("127.0.0.1", 0)) as taken:
+        port = taken.getsockname()[1]
+        env = clean_env(GATEWAY_JWT_SECRET=TEST_SECRET, GATEWAY_TLS="proxy", GATEWAY_PORT=str(port))
+        stderr = one_clear_line(await gateway_cli("serve", env=env, cwd=tmp_path))
+    assert f"GATEWAY_PORT={port}: Address already in use" in stderr, stderr
+
+
+async def test_a_metrics_port_in_use_names_the_setting(tmp_path: Path) -> None:
+    """A second instance beside ``make run``: its public port is free, 9102 is not."""
+    with socket.create_server(("127.0.0.1", 0)) as taken:
+        metrics_port = taken.getsockname()[1]
+        env = clean_env(
+            GATEWAY_JWT_SECRET=TEST_SECRET,
+            GATEWAY_TLS="proxy",
+            GATEWAY_PORT="0",
+            GATEWAY_METRICS_PORT=str(metrics_port),
+        )
+        stderr = one_clear_line(await gateway_cli("serve", env=env, cwd=tmp_path))
+    (failure,) = [
+        entry
+        for entry in map(json.loads, stderr.splitlines())
+        if entry["level"] == "error"  # the JSON lines of serve: it had started logging
+    ]
+    assert failure["event"] == "gateway cannot start"
+    assert f"GATEWAY_METRICS_PORT={metrics_port}: Address already in use" in failure["problem"]
+    assert "GATEWAY_METRICS_PORT=0 turns the listener off" in failure["problem"]
+
+
+async def test_serve_outside_the_checkout_names_the_missing_files(tmp_path: Path) -> None:
+    env = clean_env(GATEWAY_JWT_SECRET=TEST_SECRET)
+    stderr = one_clear_line(await gateway_cli("serve", env=env, cwd=tmp_path))
+    for name, path in (
+        ("GATEWAY_TLS_CERT_FILE", DEV_CERT_FILE),
+        ("GATEWAY_TLS_KEY_FILE", DEV_KEY_FILE),
+    ):
+        assert f"{name}: {path} does not exist in the working directory {tmp_path}" in stderr
+    assert "python -m gateway dev-setup" in stderr
+
+
+async def test_token_outside_the_checkout_says_the_secret_file_is_relative(tmp_path: Path) -> None:
+    stderr = one_clear_line(await gateway_cli("token", "--sub", "a", env=clean_env(), cwd=tmp_path))
+    assert f"{DEV_SECRET_FILE} in the working directory {tmp_path}" in stderr, stderr
+    assert "python -m gateway dev-setup" in stderr
+
+
+@pytest.mark.parametrize(
+    ("cert", "key"),
+    [("cert.pem", "cert.pem"), ("key.pem", "key.pem"), ("other-cert.pem", "key.pem")],
+    ids=["cert-as-key", "key-as-cert", "key-of-another-cert"],
+)
+async def test_tls_files_that_do_not_fit_are_a_settings_problem(
+    tmp_path: Path, cert: str, key: str
+) -> None:
+    from gateway.devsetup import write_self_signed
+
+    write_self_signed(tmp_path / "cert.pem", tmp_path / "key.pem")
+    write_self_signed(tmp_path / "other-cert.pem", tmp_path / "other-key.pem")
+    env = clean_env(
+        GATEWAY_JWT_SECRET=TEST_SECRET,
+        GATEWAY_TLS_CERT_FILE=str(tmp_path / cert),
+        GATEWAY_TLS_KEY_FILE=str(tmp_path / key),
+    )
+    stderr = one_clear_line(await gateway_cli("serve", env=env, cwd=tmp_path))
+    assert "GATEWAY_TLS_CERT_FILE and GATEWAY_TLS_KEY_FILE cannot be used together" in stderr
+
+
+# --- help and the effective configuration ---------------------------------------------------
+
+
+async def test_serve_help_points_at_the_settings(tmp_path: Path) -> None:
+    result = await gateway_cli("serve", "--help", env=clean_env(), cwd=tmp_path)
+    assert result.status == 0
+    text = " ".join(result.stdout.split())
+    assert "GATEWAY_* environment variables" in text
+    assert "docs/configuration.md" in text
+    assert "gateway config" in text
+
+
+async def test_config_prints_every_setting_with_secrets_masked(tmp_path: Path) -> None:
+    from gateway.settings import load_settings
+
+    env = clean_env(
+        GATEWAY_JWT_SECRET=TEST_SECRET,
+        GATEWAY_TLS="proxy",
+        GATEWAY_PORT="4444",
+        GATEWAY_BROKER_URL="redis://user:S3cr3t@redis.internal:6379/0",
+        GATEWAY_RATELIMIT_STORAGE_URL="redis://:S3cr3t@redis.internal:6379/1",
+        GATEWAY_BROKER_SECRET="b" * 40,
+    )
+    result = await gateway_cli("config", env=env, cwd=tmp_path)
+    assert (result.status, result.stderr) == (0, "")
+    assert TEST_SECRET not in result.stdout and "S3cr3t" not in result.stdout
+    assert "b" * 40 not in result.stdout
+    lines = dict(line.split("=", 1) for line in result.stdout.splitlines())
+    gateway_env = {k: v for k, v in env.items() if k.startswith("GATEWAY_")}
+    assert set(lines) == {f"GATEWAY_{field.upper()}" for field in Settings.__dataclass_fields__}, (
+        "one line per setting"
+    )
+    assert lines["GATEWAY_PORT"] == "4444"
+    assert lines["GATEWAY_TLS"] == "proxy"
+    assert lines["GATEWAY_JWT_SECRET"] == "***"
+    assert lines["GATEWAY_BROKER_SECRET"] == "***"
+    assert lines["GATEWAY_BROKER_URL"] == "redis://***@redis.internal:6379/0"
+    assert lines["GATEWAY_HOST"] == "127.0.0.1  # default"
+    assert lines["GATEWAY_MAX_MESSAGE_BYTES"] == "16384  # default"
+    # What it prints is what serve runs with: every value fed back gives the same settings.
+    printed = {name: value.removesuffix("  # default") for name, value in lines.items()}
+    printed = {n: v for n, v in printed.items() if v and "***" not in v}
+    assert len(printed) > 40
+    assert load_settings({**gateway_env, **printed}) == load_settings(gateway_env)
+
+
+async def test_config_refuses_what_serve_refuses(tmp_path: Path) -> None:
+    env = clean_env(GATEWAY_JWT_SECRET=TEST_SECRET, GATEWAY_PORT="http")
+    stderr = one_clear_line(await gateway_cli("config", env=env, cwd=tmp_path))
+    assert "GATEWAY_PORT='http'" in stderr

@@ -30,6 +30,7 @@ from gateway.server import (
     AFTER_SERVING_SECONDS,
     GC_YOUNG_THRESHOLD,
     SERVER_STOP_SECONDS,
+    StartupError,
     build_config,
     serve,
     tune_gc,
@@ -246,7 +247,7 @@ async def test_serve_refuses_to_start_when_the_metrics_port_is_taken() -> None:
     )
     fd = socket.create_server(("127.0.0.1", 0)).detach()
     try:
-        with pytest.raises(OSError):
+        with pytest.raises(StartupError, match="GATEWAY_METRICS_PORT"):
             async with asyncio.timeout(timeout(5)):
                 await serve(settings, fd=fd, shutdown_trigger=asyncio.Event().wait)
     finally:
