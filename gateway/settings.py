@@ -205,6 +205,7 @@ class Settings:
 
     dev_token_endpoint: bool = True
     dev_token_ttl_seconds: int = 3600
+    page_token_url: str | None = None
     permessage_deflate: bool = False
     backlog: int = 2048
     ping_interval_seconds: float = 20.0
@@ -441,6 +442,7 @@ def load_settings(env: Mapping[str, str]) -> Settings:
         user_message_rate=user_message_rate,
         dev_token_endpoint=r.boolean("GATEWAY_DEV_TOKEN_ENDPOINT", not production),
         dev_token_ttl_seconds=r.integer("GATEWAY_DEV_TOKEN_TTL_SECONDS", 3600, 5, 86400),
+        page_token_url=_page_token_url(r, production),
         permessage_deflate=r.boolean("GATEWAY_PERMESSAGE_DEFLATE", False),
         backlog=r.integer("GATEWAY_BACKLOG", 2048, 1024, 65535),
         ping_interval_seconds=r.number("GATEWAY_PING_INTERVAL_SECONDS", 20.0, 0.0, 3600.0),
@@ -637,6 +639,31 @@ def _check_url(r: _Reader, name: str, url: str, schemes: tuple[str, ...], what: 
         )
     elif scheme not in schemes:
         r.problems.append(f"{name}={redact_url(url)} must be {what}")
+
+
+#: GATEWAY_PAGE_TOKEN_URL: a path, or a URL of a plain host name or IPv4 address (its origin goes
+#: into the Content-Security-Policy header, so nothing else may reach it).
+_PAGE_TOKEN_URL = re.compile(
+    r"(?:(?P<scheme>https?)://[A-Za-z0-9.-]+(?::[0-9]{1,5})?)?/(?!/)[A-Za-z0-9._~!$&'()*+,;=:@%/-]*"
+)
+
+
+def _page_token_url(r: _Reader, production: bool) -> str | None:
+    """GATEWAY_PAGE_TOKEN_URL: a path on this origin (``/auth/chat-token``), or an https://
+    URL (http:// in development) without user, query or fragment."""
+    url = r.optional("GATEWAY_PAGE_TOKEN_URL")
+    if url is None:
+        return None
+    what = (
+        "a path on this origin like /auth/chat-token, or an https:// URL of a host name "
+        "with a path and no user, query or fragment"
+    )
+    match = _PAGE_TOKEN_URL.fullmatch(url)
+    ok = match is not None and (match["scheme"] in (None, "https") or not production)
+    if not ok:
+        shown = redact_url(url) if "://" in url else repr(url)  # a path holds no password
+        r.problems.append(f"GATEWAY_PAGE_TOKEN_URL={shown} must be {what}")
+    return url
 
 
 def _check_shutdown(r: _Reader, s: Settings) -> None:

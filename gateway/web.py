@@ -16,6 +16,7 @@ Probes, without a token: ``GET /healthz`` answers 200 while the process lives (l
 from __future__ import annotations
 
 import asyncio
+import html
 import ipaddress
 import logging
 import re
@@ -25,6 +26,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, cast
+from urllib.parse import urlsplit
 
 import orjson
 from quart import Blueprint, Response, request, websocket
@@ -46,7 +48,17 @@ from gateway.session import Session
 from gateway.settings import Settings
 from gateway.slots import ConnectionSlots, Slot
 
-__all__ = ["READY_TIMEOUT_SECONDS", "STATIC_DIR", "Services", "client_address", "create_blueprint"]
+__all__ = [
+    "READY_TIMEOUT_SECONDS",
+    "STATIC_DIR",
+    "TOKEN_META",
+    "Services",
+    "client_address",
+    "content_security_policy",
+    "create_blueprint",
+    "page_files",
+    "page_token_source",
+]
 
 log = logging.getLogger("gateway.web")
 
@@ -100,6 +112,9 @@ STATIC_TYPES = {
 #: Rooms a development token grants beyond the open rooms.
 DEV_TOKEN_ROOMS = ("dev", "random")
 _DEV_SUB = re.compile(r"^[A-Za-z0-9_.:@-]{1,128}$")
+
+#: The placeholder in static/index.html that :func:`page_files` fills with the token source.
+TOKEN_META = b'<meta name="gateway-token-url" content="" data-mode="">'
 
 SECURITY_HEADERS = {
     "Content-Security-Policy": (
@@ -178,6 +193,48 @@ def load_static(directory: Path) -> dict[str, tuple[bytes, str]]:
     }
 
 
+def page_token_source(settings: Settings) -> tuple[str, str] | None:
+    """Where the chat page gets its tokens, and how: ``(url, "session")`` for the operator's
+    GATEWAY_PAGE_TOKEN_URL (called with the user's cookies), ``("/dev/token", "dev")`` for the
+    development endpoint (called with a display name); None when neither: then no page is
+    served, since nobody could sign in on it."""
+    if settings.page_token_url is not None:
+        return settings.page_token_url, "session"
+    if settings.dev_token_endpoint:
+        return "/dev/token", "dev"
+    return None
+
+
+def page_files(settings: Settings, directory: Path = STATIC_DIR) -> dict[str, tuple[bytes, str]]:
+    """The chat page's files as served: index.html names its token source in
+    :data:`TOKEN_META` (nothing at all without a source)."""
+    source = page_token_source(settings)
+    if source is None:
+        return {}
+    files = load_static(directory)
+    page, content_type = files["index.html"]
+    url, mode = source
+    filled = TOKEN_META.replace(b'content=""', f'content="{html.escape(url)}"'.encode(), 1)
+    filled = filled.replace(b'data-mode=""', f'data-mode="{mode}"'.encode(), 1)
+    if page.count(TOKEN_META) != 1:
+        raise RuntimeError(f"static/index.html must hold {TOKEN_META.decode()} once")
+    files["index.html"] = (page.replace(TOKEN_META, filled), content_type)
+    return files
+
+
+def content_security_policy(settings: Settings) -> str:
+    """The page's policy: itself only, plus the origin of an absolute GATEWAY_PAGE_TOKEN_URL
+    (settings.py allows a plain host name and port there, nothing that could end a directive)."""
+    policy = SECURITY_HEADERS["Content-Security-Policy"]
+    url = settings.page_token_url
+    if url is None or url.startswith("/"):
+        return policy
+    parts = urlsplit(url)
+    return policy.replace(
+        "connect-src 'self'", f"connect-src 'self' {parts.scheme}://{parts.netloc}"
+    )
+
+
 def _json_response(status: int, body: dict[str, object], headers: dict[str, str]) -> Response:
     response = Response(encode(body), status=status, content_type="application/json")
     response.headers.update(SECURITY_HEADERS)
@@ -195,22 +252,26 @@ def create_blueprint(services: Services) -> Blueprint:
     settings = services.settings
     bp = Blueprint("gateway", __name__)
 
+    policy = content_security_policy(settings)
+
     @bp.after_app_request
     async def security_headers(response: Response) -> Response:
         for name, value in SECURITY_HEADERS.items():
             response.headers.setdefault(name, value)
+        response.headers["Content-Security-Policy"] = policy
         if settings.is_production:
             response.headers.setdefault("Strict-Transport-Security", "max-age=31536000")
         return response
 
     # The page is a handful of small files: read once, served from memory (no file handles
     # per request, nothing outside static/ reachable, no directory listing).
-    static_files = load_static(STATIC_DIR)
+    static_files = page_files(settings)
 
     def static_response(name: str) -> Response:
         found = static_files.get(name)
         if found is None:
-            return _json_response(404, {"error": "not_found", "detail": "no such file"}, {})
+            detail = "no such file" if static_files else "this gateway serves no chat page"
+            return _json_response(404, {"error": "not_found", "detail": detail}, {})
         body, content_type = found
         response = Response(body, status=200, content_type=content_type)
         response.headers["Cache-Control"] = "no-cache"

@@ -7,7 +7,11 @@
 //   #notice (role=status)[data-code=<error code>|too_long|outbox_full|session-expired|close-<code>|signin|link-expired|
 //                    link-invalid|""]
 //   #live            visually hidden live region: every connection state change
-//   #signin-panel, #signin (form), #signin-name, #signin-submit
+//   #signin-panel, #signin (form), #signin-name (hidden when the token URL is the operator's: it knows the name),
+//                    #signin-submit
+//   <meta name="gateway-token-url" content=URL data-mode=dev|session>: where tokens come from (the server fills
+//                    it in): "dev" POSTs {name, sub} to /dev/token; "session" POSTs nothing to the operator's URL
+//                    with the user's cookies (401/403: not signed in there), and signs in on load
 //   #link-signin-panel (a #token=... link: shown instead of connecting), #link-signin-heading,
 //                    #link-signin-name, #link-signin-sub (the token's name and sub claims),
 //                    #link-signin-continue (text "Continue as <name>", the name in #link-signin-continue-name),
@@ -161,6 +165,7 @@ const STOP_TEXT = {
   1007: "The server received text that was not valid UTF-8.",
   1008: "Disconnected after repeated invalid messages.",
 };
+const SIGNED_OUT_TEXT = "You are not signed in to this site: sign in, then choose Join chat.";
 const RECONNECT_TEXT = {
   1009: "A message was too large for the server; reconnecting.",
   1011: "The server had an internal error; reconnecting.",
@@ -173,6 +178,8 @@ if (typeof document !== "undefined") startApp();
 
 function startApp() {
   const $ = (id) => document.getElementById(id);
+  const tokenMeta = document.querySelector('meta[name="gateway-token-url"]');
+  const TOKEN = { url: tokenMeta?.content || "/dev/token", session: tokenMeta?.dataset.mode === "session" };
   const ui = {
     signinPanel: $("signin-panel"), signin: $("signin"), name: $("signin-name"), signinSubmit: $("signin-submit"),
     chat: $("chat"), me: $("me"), signout: $("signout"), reconnect: $("reconnect"), conn: $("conn-state"),
@@ -192,7 +199,7 @@ function startApp() {
   const storedRooms = (() => { try { return JSON.parse(get(session, K + "rooms")); } catch { return null; } })();
 
   const S = {
-    token: null, expiresAt: null, viaDev: false, staleToken: false, name: "", sub: get(session, K + "sub"),
+    token: null, expiresAt: null, viaUrl: false, staleToken: false, name: "", sub: get(session, K + "sub"),
     user: null, connId: null, ws: null, welcomed: false, conn: "disconnected", attempt: 0,
     limits: { ...DEFAULT_LIMITS }, allowed: [], rooms: new Map(),
     wanted: new Set(Array.isArray(storedRooms) ? storedRooms.filter((r) => ROOM_RE.test(r)) : ["lobby"]),
@@ -369,10 +376,10 @@ function startApp() {
     clear("reconnect", "countdown");
     if (!S.token || S.ws) return;
     const soon = S.expiresAt != null && S.expiresAt - Date.now() < 5000;
-    if (S.viaDev && (soon || S.staleToken)) {
+    if (S.viaUrl && (soon || S.staleToken)) {
       try { await fetchToken(); } catch (err) { return tokenFailed(err); }
       if (!S.token || S.ws) return;
-    } else if (!S.viaDev && S.expiresAt != null && S.expiresAt <= Date.now()) {
+    } else if (!S.viaUrl && S.expiresAt != null && S.expiresAt <= Date.now()) {
       return sessionExpired();
     }
     setConn("connecting");
@@ -396,7 +403,7 @@ function startApp() {
       notify(STOP_TEXT[code] ?? `The server ended the session (code ${code}).`, `close-${code}`, true);
       return setConn("disconnected");
     }
-    if (action === "refresh-token") return S.viaDev ? renewThenReconnect() : sessionExpired();
+    if (action === "refresh-token") return S.viaUrl ? renewThenReconnect() : sessionExpired();
     if (RECONNECT_TEXT[code]) notify(RECONNECT_TEXT[code], `close-${code}`);
     scheduleReconnect();
   }
@@ -421,11 +428,11 @@ function startApp() {
     S.t.countdown = setInterval(tick, 1000, false);
     S.t.reconnect = setTimeout(connect, delay);
   }
-  function sessionExpired() {
+  function sessionExpired(why = "") {
     [S.token, S.gen] = [null, S.gen + 1];
     clear("refresh", "reconnect", "countdown");
     setConn("disconnected");
-    notify("Your session expired, sign in again.", "session-expired", true);
+    notify(why === "signed-out" ? SIGNED_OUT_TEXT : "Your session expired, sign in again.", "session-expired", true);
     showChat(false);
   }
   function dropDeadConnection() {
@@ -436,28 +443,35 @@ function startApp() {
 
   // ---- tokens ----
   function tokenFailed(err) {
-    if (err.message === "no-dev") sessionExpired();
+    if (err.message === "no-dev" || err.message === "signed-out") sessionExpired(err.message);
     else if (err.message !== "cancelled") scheduleReconnect();
   }
   async function fetchToken() {
     const gen = S.gen; // a sign-out while the request runs makes its answer void
-    const body = S.sub ? { name: S.name, sub: S.sub } : { name: S.name };
-    const res = await fetch("/dev/token", {
-      method: "POST", headers: { "Content-Type": "application/json" }, body: JSON.stringify(body),
-    });
-    if (res.status === 404 || res.status === 405) throw new Error("no-dev");
+    let res;
+    if (TOKEN.session) {
+      // The operator's own sign-in answers for whoever its cookie names: nothing to send.
+      res = await fetch(TOKEN.url, { method: "POST", credentials: "include", headers: { Accept: "application/json" } });
+      if (res.status === 401 || res.status === 403) throw new Error("signed-out");
+    } else {
+      const body = S.sub ? { name: S.name, sub: S.sub } : { name: S.name };
+      res = await fetch(TOKEN.url, {
+        method: "POST", headers: { "Content-Type": "application/json" }, body: JSON.stringify(body),
+      });
+      if (res.status === 404 || res.status === 405) throw new Error("no-dev");
+    }
     if (!res.ok) throw new Error(`token endpoint answered ${res.status}`);
     const data = await res.json();
     if (gen !== S.gen) throw new Error("cancelled");
     if (typeof data?.token !== "string") throw new Error("no token in the answer");
-    [S.token, S.viaDev, S.staleToken] = [data.token, true, false];
+    [S.token, S.viaUrl, S.staleToken] = [data.token, true, false];
     S.expiresAt = Number.isFinite(data.expires_at) ? data.expires_at : jwtExpiryMs(data.token);
-    if (data.user?.id != null) { S.sub = String(data.user.id); put(session, K + "sub", S.sub); }
+    if (!TOKEN.session && data.user?.id != null) { S.sub = String(data.user.id); put(session, K + "sub", S.sub); }
     return data;
   }
   function scheduleRefresh() {
     clear("refresh");
-    if (!S.viaDev || S.expiresAt == null) return;
+    if (!S.viaUrl || S.expiresAt == null) return;
     const delay = Math.max(1000, refreshDelayMs(S.expiresAt, Date.now())); // floor: no loop on a skewed clock
     S.t.refresh = setTimeout(refreshToken, Math.min(delay, 2 ** 31 - 1));
   }
@@ -678,12 +692,17 @@ function startApp() {
     showChat(false);
     notify("Signed out.");
   });
-  ui.signin.addEventListener("submit", async (ev) => {
+  ui.signin.addEventListener("submit", (ev) => {
     ev.preventDefault();
-    const name = ui.name.value.trim();
-    if (!name) { ui.name.focus(); return; }
-    S.name = name;
-    put(local, K + "name", name);
+    signIn();
+  });
+  async function signIn() {
+    if (!TOKEN.session) {
+      const name = ui.name.value.trim();
+      if (!name) { ui.name.focus(); return; }
+      S.name = name;
+      put(local, K + "name", name);
+    }
     ui.signinSubmit.disabled = true;
     try {
       await fetchToken();
@@ -691,13 +710,13 @@ function startApp() {
       startSession();
     } catch (err) {
       notify(err.message === "no-dev" ? "Sign-in is not available here: open the link that carries your token."
-        : "Could not sign in. Please try again.", "signin", true);
+        : err.message === "signed-out" ? SIGNED_OUT_TEXT : "Could not sign in. Please try again.", "signin", true);
     }
     ui.signinSubmit.disabled = false;
-  });
+  }
   function showChat(on) {
     [ui.signinPanel.hidden, ui.chat.hidden, ui.signout.hidden, ui.linkPanel.hidden] = [on, !on, !on, true];
-    if (!on) ui.name.focus();
+    if (!on) (TOKEN.session ? ui.signinSubmit : ui.name).focus();
   }
   function startSession() {
     showChat(true);
@@ -733,10 +752,15 @@ function startApp() {
   // ---- start: a token in the fragment (#token=...), confirmed first, or the sign-in form ----
   const fragmentToken = new URLSearchParams(location.hash.slice(1)).get("token");
   ui.name.value = get(local, K + "name") ?? "";
+  if (TOKEN.session) { // the operator's sign-in knows who this is: no name to ask
+    ui.name.required = false;
+    ui.name.hidden = ui.signin.querySelector('label[for="signin-name"]').hidden = true;
+  }
   if (fragmentToken !== null) {
     history.replaceState(null, "", location.pathname + location.search); // keep it out of history and screenshots
     offerLink(fragmentToken);
   } else {
     showChat(false);
+    if (TOKEN.session) signIn();
   }
 }

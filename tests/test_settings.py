@@ -393,3 +393,39 @@ def test_a_redis_broker_key_is_derived_in_development_and_at_least_32_bytes(
 @pytest.mark.parametrize("written", ["warning", "Warning", "WARNING"])
 def test_the_log_level_is_read_in_either_case(written: str) -> None:
     assert make_settings({"GATEWAY_LOG_LEVEL": written}).log_level == "WARNING"
+
+
+@pytest.mark.parametrize(
+    "url",
+    ["/auth/chat-token", "/t", "https://auth.example.com/chat/token", "https://10.0.0.5:8443/t"],
+)
+def test_a_page_token_url_is_a_path_or_an_https_url(tmp_path: Path, url: str) -> None:
+    assert load_settings(prod_env(tmp_path, GATEWAY_PAGE_TOKEN_URL=url)).page_token_url == url
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "//evil.example/token",  # another origin, without saying so
+        "http://auth.example.com/t",  # production: https only
+        "https://user:pw@auth.example.com/t",
+        "https://auth.example.com/t?next=1",
+        "https://auth.example.com/t#x",
+        "https://auth.example.com",  # no path
+        "https://auth.example.com;script-src */t",  # would end the CSP directive
+        "https://auth.example.com */t",
+        "javascript:alert(1)",
+        "auth/chat-token",
+        '/t"><script>alert(1)</script>',
+        "/t\u202e",
+    ],
+)
+def test_a_page_token_url_that_is_not_safe_to_use_is_refused(tmp_path: Path, url: str) -> None:
+    (problem,) = problems(prod_env(tmp_path, GATEWAY_PAGE_TOKEN_URL=url))
+    assert problem.startswith("GATEWAY_PAGE_TOKEN_URL=")
+    assert "pw" not in problem
+
+
+def test_development_allows_an_http_page_token_url() -> None:
+    url = "http://localhost:8080/token"
+    assert make_settings({"GATEWAY_PAGE_TOKEN_URL": url}).page_token_url == url

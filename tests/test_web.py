@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import re
 import time
 from collections.abc import AsyncIterator, Mapping
 from typing import Any
@@ -19,7 +20,7 @@ from quart.wrappers import Response
 from gateway.app import create_app
 from gateway.auth import TokenVerifier
 from gateway.settings import Settings
-from gateway.web import SECURITY_HEADERS, client_address
+from gateway.web import SECURITY_HEADERS, client_address, content_security_policy, page_files
 from tests.helpers import make_settings
 
 __all__: list[str] = []
@@ -377,3 +378,79 @@ async def test_nothing_outside_the_page_is_served(path: str) -> None:
         response = await client.get(path)
         assert response.status_code == 404
         assert b"import" not in await response.get_data()
+
+
+# --- the chat page and where it gets tokens -------------------------------------------------
+
+
+def token_meta(page: bytes) -> tuple[str, str]:
+    found = re.search(
+        rb'<meta name="gateway-token-url" content="([^"]*)" data-mode="([^"]*)">', page
+    )
+    assert found is not None, "index.html names its token source"
+    return found[1].decode(), found[2].decode()
+
+
+async def test_development_serves_the_page_with_the_dev_token_endpoint() -> None:
+    async with running() as client:
+        response = await client.get("/")
+        assert response.status_code == 200
+        assert token_meta(await response.get_data()) == ("/dev/token", "dev")
+
+
+@pytest.mark.parametrize("path", ["/", "/static/app.js", "/static/index.html", "/static/style.css"])
+async def test_production_without_a_token_url_serves_no_page(path: str) -> None:
+    """Nobody could sign in on it: production has no /dev/token."""
+    async with running(production_settings()) as client:
+        response = await client.get(path)
+        assert response.status_code == 404
+        assert (await json_body(response))["detail"] == "this gateway serves no chat page"
+
+
+@pytest.mark.parametrize("url", ["/auth/chat-token", "https://auth.example.com/chat/token"])
+async def test_production_with_a_token_url_serves_the_page_that_calls_it(url: str) -> None:
+    async with running(production_settings(GATEWAY_PAGE_TOKEN_URL=url)) as client:
+        for path in ("/", "/static/index.html"):
+            response = await client.get(path)
+            assert response.status_code == 200
+            assert token_meta(await response.get_data()) == (url, "session")
+        assert (await client.get("/static/app.js")).status_code == 200
+        assert (await client.post("/dev/token", json={"name": "Alice"})).status_code == 404
+
+
+async def test_the_token_url_wins_over_the_dev_endpoint_in_development() -> None:
+    async with running({"GATEWAY_PAGE_TOKEN_URL": "/login/token"}) as client:
+        page = await (await client.get("/")).get_data()
+    assert token_meta(page) == ("/login/token", "session")
+
+
+async def test_the_token_url_is_escaped_into_the_page() -> None:
+    url = "/auth/a&b'c"
+    files = page_files(make_settings({"GATEWAY_PAGE_TOKEN_URL": url}))
+    page = files["index.html"][0]
+    assert b'content="/auth/a&amp;b&#x27;c"' in page
+    assert page.count(b'name="gateway-token-url"') == 1
+
+
+@pytest.mark.parametrize(
+    ("url", "connect_src"),
+    [
+        (None, "connect-src 'self';"),
+        ("/auth/chat-token", "connect-src 'self';"),
+        (
+            "https://auth.example.com:8443/chat/token",
+            "connect-src 'self' https://auth.example.com:8443;",
+        ),
+    ],
+)
+async def test_the_page_may_connect_to_the_token_urls_origin_only(
+    url: str | None, connect_src: str
+) -> None:
+    env = {"GATEWAY_PAGE_TOKEN_URL": url} if url else {}
+    async with running(env) as client:
+        for path in ("/", "/healthz"):
+            response = await client.get(path)
+            policy = response.headers["Content-Security-Policy"]
+            assert connect_src in policy
+            assert response.headers.getlist("Content-Security-Policy") == [policy]
+    assert content_security_policy(make_settings(env)) == policy

@@ -14,7 +14,7 @@ import re
 import socket
 import ssl
 import time
-from collections.abc import AsyncIterator, Callable, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -277,6 +277,7 @@ async def open_chat(
     reconnect_options: Mapping[str, float] | None = None,
     fragment: str = "",
     shows: str = "#signin-panel",
+    setup: Callable[[BrowserContext], Awaitable[None]] | None = None,
 ) -> ChatPage:
     """A new context and page on the chat page, at the sign-in form.
 
@@ -285,6 +286,7 @@ async def open_chat(
             that runs before app.js (baseMs, capMs, stableMs).
         fragment: opens ``/#<fragment>`` instead (``token=<jwt>``: a sign-in link).
         shows: the panel the page must show once open (``#link-signin-panel`` for a link).
+        setup: runs on the new context before the page opens (routes, cookies).
     """
     context = await browser.new_context(
         ignore_https_errors=True, viewport={"width": 960, "height": 600}
@@ -296,6 +298,8 @@ async def open_chat(
         await context.add_init_script(
             script=f"window.chatClient = {{reconnectOptions: {options}}};"
         )
+    if setup is not None:
+        await setup(context)
     page = await context.new_page()
     chat = ChatPage(context, page)
     page.on("console", chat._on_console)

@@ -12,14 +12,14 @@ import json
 import re
 import ssl
 import time
-from collections.abc import AsyncIterator, Callable, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
 import jwt
 import pytest
-from playwright.async_api import Browser, expect
+from playwright.async_api import Browser, BrowserContext, Route, expect
 
 from gateway.auth import mint_token
 from gateway.errors import CloseCode
@@ -61,6 +61,7 @@ class Pages:
         reconnect_options: Mapping[str, float] | None = None,
         fragment: str = "",
         shows: str = "#signin-panel",
+        setup: Callable[[BrowserContext], Awaitable[None]] | None = None,
     ) -> ChatPage:
         page = await open_chat(
             self.browser,
@@ -68,6 +69,7 @@ class Pages:
             reconnect_options=reconnect_options,
             fragment=fragment,
             shows=shows,
+            setup=setup,
         )
         self.opened.append(page)
         return page
@@ -974,3 +976,82 @@ async def test_a_page_back_from_offline_shows_what_it_missed_once_in_order_or_a_
         assert ids == sorted(ids) and len(set(ids)) == len(ids)
         await bob.close()
         alice.assert_clean(server_went_down=True)
+
+
+# ---- the page in production: tokens from the operator's own sign-in ----
+
+SIGNED_OUT = "You are not signed in to this site: sign in, then choose Join chat."
+
+
+@pytest.mark.parametrize(
+    "token_url",
+    ["/auth/chat-token", "https://auth.example.test:8443/chat-token"],
+    ids=["same-origin", "other-origin"],
+)
+async def test_a_production_page_signs_in_through_the_operators_token_url(
+    serve_pages: StartGateway, pages: Pages, token_url: str
+) -> None:
+    """No /dev/token: the page POSTs to GATEWAY_PAGE_TOKEN_URL with the user's cookies and
+    gets its tokens there, the first and each renewal (Playwright answers for the operator's
+    sign-in service; the Content-Security-Policy lets the page reach that origin only)."""
+    calls: list[tuple[str, str, str]] = []
+    async with serve_pages(
+        GATEWAY_DEV_TOKEN_ENDPOINT="false", GATEWAY_PAGE_TOKEN_URL=token_url
+    ) as gw:
+        origin = gw.base_url
+        cors = {"Access-Control-Allow-Origin": origin, "Access-Control-Allow-Credentials": "true"}
+
+        async def sign_in_service(route: Route) -> None:
+            headers = await route.request.all_headers()
+            cookie = headers.get("cookie", "")
+            calls.append((route.request.method, cookie, route.request.post_data or ""))
+            if "site_session=carol-session" not in cookie:
+                await route.fulfill(status=401, headers=cors, body="")
+                return
+            token = mint_token(gw.settings, sub="carol", name="Carol", ttl_seconds=8)
+            await route.fulfill(
+                status=200,
+                headers=cors,
+                content_type="application/json",
+                body=json.dumps({"token": token}),
+            )
+
+        cookie_url = token_url if token_url.startswith("https:") else origin + token_url
+
+        async def setup(context: BrowserContext) -> None:
+            await context.route(re.compile(re.escape(cookie_url)), sign_in_service)
+
+        carol = await pages.open(gw.base_url, setup=setup)
+        # Not signed in at the site: the page says so, asks for no name, opens no socket.
+        await expect(carol.notice).to_have_text(SIGNED_OUT)
+        await expect(carol.page.locator("#signin-name")).to_be_hidden()
+        assert carol.sockets == []
+        assert calls == [("POST", "", "")]
+
+        # Signed in at the site (its cookie, sent to the token URL): Join chat. On another
+        # site than the page's (as here: localhost), only a SameSite=None cookie goes along.
+        await carol.context.add_cookies(
+            [
+                {
+                    "name": "site_session",
+                    "value": "carol-session",
+                    "url": cookie_url,
+                    "sameSite": "None",
+                    "secure": True,
+                }
+            ]
+        )
+        await carol.page.get_by_role("button", name="Join chat").click()
+        await carol.wait_in_room("lobby")
+        await expect(carol.page.locator("#me")).to_have_text("Carol")
+        await carol.send("hello from production")
+
+        # The token lives 8 s: renewed from the same URL, sent as a refresh, same connection.
+        async with asyncio.timeout(timeout(15)):
+            while not any(f.data.get("type") == "refreshed" for f in carol.frames):
+                await asyncio.sleep(0.1)
+        assert len(calls) >= 3 and all(call[1] for call in calls[1:])
+        assert len(carol.sockets) == 1
+        await expect(carol.state).to_have_attribute("data-state", "connected")
+        assert not [e for e in carol.console_errors if "Content Security Policy" in e]
+        assert carol.page_errors == []
