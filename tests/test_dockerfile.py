@@ -39,6 +39,7 @@ import trustme
 import yaml
 
 from gateway.settings import SettingsError, load_settings
+from gateway.web import TOKEN_META
 from tests.helpers import timeout
 from tests.processes import free_port
 
@@ -886,14 +887,22 @@ def test_the_image_serves_tls_and_its_healthcheck_passes(
     image: Image, start: Start, ca: trustme.CA, secrets_dir: Path
 ) -> None:
     mount_tls_files(ca, secrets_dir)
-    container = start({})
+    container = start({"GATEWAY_PAGE_TOKEN_URL": "/auth/chat-token"})  # else no page is served
     client = ssl.create_default_context()
     ca.configure_trust(client)
     base = f"https://localhost:{container.port}"
     status, _, body = wait_until_healthy(container, f"{base}/healthz", client)
     assert (status, json.loads(body)) == (200, {"status": "ok"})
     status, content_type, page = get(f"{base}/", client)
-    assert (status, page) == (200, (ROOT / "static" / "index.html").read_bytes())
+    expected = (
+        (ROOT / "static" / "index.html")
+        .read_bytes()
+        .replace(
+            TOKEN_META,
+            b'<meta name="gateway-token-url" content="/auth/chat-token" data-mode="session">',
+        )
+    )
+    assert (status, page) == (200, expected)
     assert content_type.startswith("text/html")
     assert healthcheck(image, container) == 0
 
