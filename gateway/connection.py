@@ -35,6 +35,7 @@ from gateway.session import Session
 
 __all__ = [
     "CLOSE_CODE_SCOPE_KEY",
+    "FLUSH_BEFORE_CLOSE_SECONDS",
     "BoundedWebsocketConnection",
     "Socket",
     "run_connection",
@@ -51,6 +52,10 @@ RECEIVE_QUEUE_FRAMES = 16
 CLOSE_CODE_SCOPE_KEY = "gateway.close_code"
 #: The code of a disconnect event that carries none (ASGI 2.3: "defaults to 1005").
 _NO_STATUS = 1005
+#: Once a close is decided, how long the writer may take to write what the outbox already
+#: held (bounded by the outbox: nothing is queued after the decision) before the close frame
+#: goes anyway. A client that reads takes it at once; one that does not is not waited for longer.
+FLUSH_BEFORE_CLOSE_SECONDS = CLOSE_TIMEOUT_SECONDS
 
 
 class BoundedWebsocketConnection(ASGIWebsocketConnection):
@@ -126,6 +131,8 @@ async def _write(socket: Socket, session: Session) -> None:
         outbox.sent()
         if written:
             metrics.written(item.kind, item.received_monotonic, time.monotonic())
+        if not outbox.is_open and outbox.settled:
+            return  # closing, and what was queued before the close is out: the close is next
 
 
 class _ExpiryTimer:
@@ -170,6 +177,11 @@ async def run_connection(
 ) -> CloseCode | None:
     """Serve an accepted connection until it ends; return the close code we sent, if any.
 
+    Once a close is decided, nothing more is read, and what the outbox already held is written
+    before the close frame (for at most :data:`FLUSH_BEFORE_CLOSE_SECONDS`; nothing after
+    4008, whose client does not read): so the replies to every frame before the one that
+    crossed an abuse limit arrive, then the close.
+
     The caller owns clean-up (``session.close()``, releasing the slot): it must run it in a
     ``finally`` because a client disconnect arrives here as ``CancelledError``.
     """
@@ -177,40 +189,26 @@ async def run_connection(
     expiry = _ExpiryTimer(session, clock)
     # Two tasks a connection, and the close request watched as a plain future: an idle
     # connection's memory is mostly what its tasks and queues hold (docs/performance.md).
-    tasks: set[asyncio.Future[None]] = {
-        asyncio.create_task(_read(socket, session), name="reader"),
-        asyncio.create_task(_write(socket, session), name="writer"),
-    }
+    reader = asyncio.create_task(_read(socket, session), name="reader")
+    writer = asyncio.create_task(_write(socket, session), name="writer")
     expiry.start()
     try:
         done, _ = await asyncio.wait(
-            {*tasks, session.close_requested.future()}, return_when=asyncio.FIRST_COMPLETED
+            {reader, writer, session.close_requested.future()},
+            return_when=asyncio.FIRST_COMPLETED,
         )
+        expiry.cancel()
+        reader.cancel()  # nothing more is read once the connection is closing
+        await asyncio.gather(reader, return_exceptions=True)
+        code = _close_code(session, reader, writer, done)
+        session.request_close(code)  # nothing more is queued; what waits goes first
+        await _flush(writer, session)
     finally:
         expiry.cancel()
         session.on_expiry_changed = None
-        for task in tasks:
+        for task in (reader, writer):
             task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
-
-    code = session.close_code or CloseCode.INTERNAL_ERROR
-    if session.close_code is not None:
-        _log_closing(session, code, session.close_why or CLOSE_REASONS[code])
-    for task in done:
-        if task not in tasks:
-            continue  # the close request: its code is the session's
-        error = None if task.cancelled() else task.exception()
-        if isinstance(error, ConnectionClosing):
-            code = error.code
-            _log_closing(session, code, str(error))
-        elif error is not None:
-            code = CloseCode.INTERNAL_ERROR
-            log.error(
-                "connection failed",
-                exc_info=error,
-                extra={"conn_id": session.conn_id, "close_code": int(code)},
-            )
-    session.request_close(code)
+        await asyncio.gather(reader, writer, return_exceptions=True)
     # Bounded: a client that does not read cannot take the close frame. The server's WebSocket
     # layer aborts the TCP connection within the same time (gateway.hypercorn_fixes).
     try:
@@ -221,6 +219,48 @@ async def run_connection(
     except Exception:  # the peer is gone: nothing more to tell it
         log.debug("close failed", exc_info=True, extra={"conn_id": session.conn_id})
     return code
+
+
+def _close_code(
+    session: Session,
+    reader: asyncio.Task[None],
+    writer: asyncio.Task[None],
+    done: set[asyncio.Future[None]],
+) -> CloseCode:
+    """The code to close with, logged with why: the reader's (the frame that ended the
+    connection), 1011 for a task that failed, else the session's request."""
+    code = session.close_code or CloseCode.INTERNAL_ERROR
+    why = session.close_why
+    for task in (reader, writer):
+        if task not in done:
+            continue
+        error = None if task.cancelled() else task.exception()
+        if isinstance(error, ConnectionClosing):
+            code, why = error.code, error.log_detail
+        elif error is not None:
+            log.error(
+                "connection failed",
+                exc_info=error,
+                extra={"conn_id": session.conn_id, "close_code": int(CloseCode.INTERNAL_ERROR)},
+            )
+            return CloseCode.INTERNAL_ERROR
+    _log_closing(session, code, why or CLOSE_REASONS[code])
+    return code
+
+
+async def _flush(writer: asyncio.Task[None], session: Session) -> None:
+    """Let the writer write what the outbox held when the close was decided (it ends once that
+    is out), for at most :data:`FLUSH_BEFORE_CLOSE_SECONDS`: a client that does not read
+    delays its close frame no longer than that."""
+    outbox = session.outbox
+    if writer.done() or outbox.settled:
+        return
+    done, _ = await asyncio.wait({writer}, timeout=FLUSH_BEFORE_CLOSE_SECONDS)
+    if not done:
+        log.info(
+            "queued frames not delivered before the close",
+            extra={"conn_id": session.conn_id, "frames": outbox.depth},
+        )
 
 
 def _log_closing(session: Session, code: CloseCode, why: str) -> None:

@@ -8,7 +8,10 @@ recipient's transport, with no task, queue or ASGI message per delivery. Otherwi
 transport's buffer is full, or frames wait already, or there is no sink) the frame is queued,
 and one writer task drains the queue as the transport drains, in order. A client that lets its
 queue fill is not kept waiting for: the outbox refuses further frames and calls
-``on_overflow`` once, and the connection is closed with 4008 (too slow).
+``on_overflow`` once, and the connection is closed with 4008 (too slow). Any other close
+seals the outbox instead (:meth:`~Outbox.seal`): nothing more is taken, and what waits is
+still written, before the close frame (the replies to the frames before the one that
+crossed an abuse limit, say).
 
 The queue is bounded twice: in frames (``capacity``) and in UTF-8 bytes (``max_bytes``), since
 outgoing frames have no size cap of their own (a ``joined`` lists every member of a room). A
@@ -205,6 +208,11 @@ class Outbox:
     def is_open(self) -> bool:
         return self._open
 
+    @property
+    def settled(self) -> bool:
+        """Nothing waits for the writer, and it holds no frame it has not written yet."""
+        return not self._busy and self._queue.empty()
+
     def put(self, item: Outgoing) -> Put:
         """Write ``item`` now if nothing waits and the sink takes it, else queue it.
 
@@ -246,6 +254,12 @@ class Outbox:
     def sent(self) -> None:
         """The writer has written (or given up) the frame it took with :meth:`get`."""
         self._busy = False
+
+    def seal(self) -> None:
+        """Refuse every later frame, and keep what is queued for the writer: the connection is
+        closing, and what it was sent before the close goes out first (at most what the bounds
+        let wait: this adds nothing)."""
+        self._open = False
 
     def close(self) -> None:
         """Refuse every later frame and drop what is queued (the connection is going)."""

@@ -236,11 +236,18 @@ class Session:
 
     def request_close(self, code: CloseCode, why: str = "") -> None:
         """Ask the transport to close with ``code`` (the first request wins); ``why`` is for
-        the log."""
+        the log.
+
+        Nothing more is queued from now on. What already waits in the outbox is written before
+        the close frame (the transport gives the writer a bounded time for it), except after
+        4008: that client does not read what waits, so it is dropped."""
         if self.close_code is None:
             self.close_code = code
             self.close_why = why
-        self.outbox.close()
+        if code is CloseCode.TOO_SLOW:
+            self.outbox.close()
+        else:
+            self.outbox.seal()
         self.close_requested.set()
 
     def _on_overflow(self) -> None:

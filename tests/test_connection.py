@@ -23,7 +23,7 @@ from gateway.connection import (
     transport_close_code,
 )
 from gateway.errors import CLOSE_REASONS, CloseCode
-from gateway.outbox import Outgoing
+from gateway.outbox import Outgoing, Put
 from gateway.protocol import validate_server_frame
 from gateway.session import Session
 from tests.helpers import timeout
@@ -33,13 +33,20 @@ Received = str | bytes | None | BaseException
 
 
 class FakeSocket:
-    """Frames in from ``inbox`` (an exception there is raised), frames out to ``sent``."""
+    """Frames in from ``inbox`` (an exception there is raised), frames out to ``sent``.
 
-    def __init__(self, *, send_hangs: bool = False, close_hangs: bool = False) -> None:
+    ``send_yields``: turns of the event loop each send takes (as an ASGI send through the
+    server does), during which the reader may go on reading.
+    """
+
+    def __init__(
+        self, *, send_hangs: bool = False, close_hangs: bool = False, send_yields: int = 0
+    ) -> None:
         self.inbox: asyncio.Queue[Received] = asyncio.Queue()
         self.sent: list[Frame] = []
         self.closes: list[tuple[int, str]] = []
         self._send_hangs = send_hangs
+        self._send_yields = send_yields
         self._close_hangs = close_hangs
         self._progress = asyncio.Event()
 
@@ -57,6 +64,8 @@ class FakeSocket:
     async def send(self, text: str) -> None:
         if self._send_hangs:
             await asyncio.Event().wait()
+        for _ in range(self._send_yields):
+            await asyncio.sleep(0)
         frame = orjson.loads(text)
         validate_server_frame(frame)
         self.sent.append(frame)
@@ -269,6 +278,70 @@ async def test_a_client_that_does_not_read_is_closed_4008() -> None:
     for _ in range(3):
         session.deliver(Outgoing('{"type":"pong","ts":0}', "pong"))
     assert await task is CloseCode.TOO_SLOW
+
+
+# --- what was queued before a close goes out before it ----------------------------------------
+
+
+async def test_the_replies_before_an_abuse_close_all_go_out_before_it() -> None:
+    # The reader outruns a writer whose every send takes a few turns (the ASGI path): the
+    # replies wait in the outbox when the eleventh invalid frame crosses the line. They used
+    # to be dropped with the queue (one error of ten arrived, then 1008).
+    world = await World().start()  # GATEWAY_MAX_INVALID_MESSAGES=10, the default
+    socket = FakeSocket(send_yields=3).feed(*["not json"] * 11)
+    code = await serve(socket, await world.session("mallory"), lambda: NOW_SECONDS)
+    assert code is CloseCode.POLICY_VIOLATION
+    assert [f["type"] for f in socket.sent] == ["welcome"] + ["error"] * 10
+    assert {f["code"] for f in socket.sent[1:]} == {"invalid_json"}
+
+
+async def test_every_pong_and_rate_limited_error_goes_out_before_the_4029() -> None:
+    # Default limits, a clock that stands still: a burst of 15, then 20 refusals tolerated;
+    # the 36th ping is the 21st refusal and gets the close instead of its error.
+    world = await World().start()
+    socket = FakeSocket(send_yields=3).feed(*['{"type":"ping"}'] * 36)
+    code = await serve(socket, await world.session("mallory"), lambda: NOW_SECONDS)
+    assert code is CloseCode.RATE_ABUSE
+    kinds = [f.get("code", f["type"]) for f in socket.sent[1:]]
+    assert kinds == ["pong"] * 15 + ["rate_limited"] * 20
+
+
+async def test_frames_queued_before_a_drain_go_out_before_the_1001(world: World) -> None:
+    session = await world.session("alice")
+    socket = FakeSocket(send_yields=3)
+    task = asyncio.create_task(serve(socket, session, lambda: NOW_SECONDS))
+    await socket.wait_sent(1)  # the welcome
+    for n in range(5):
+        session.send({"type": "pong", "ts": n})
+    session.request_close(CloseCode.GOING_AWAY)
+    assert session.deliver(Outgoing('{"type":"pong","ts":9}', "pong")) is Put.REFUSED
+    assert await task is CloseCode.GOING_AWAY
+    assert [f.get("ts") for f in socket.sent[1:]] == [0, 1, 2, 3, 4]  # and nothing after
+
+
+async def test_a_client_that_does_not_take_the_queue_gets_its_close_in_bounded_time(
+    world: World, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(gateway.connection, "FLUSH_BEFORE_CLOSE_SECONDS", timeout(0.05))
+    session = await world.session("mallory")
+    socket = FakeSocket(send_hangs=True).feed(*["not json"] * 11)  # stuck on the welcome
+    started = asyncio.get_running_loop().time()
+    assert await serve(socket, session, lambda: NOW_SECONDS) is CloseCode.POLICY_VIOLATION
+    assert asyncio.get_running_loop().time() - started < timeout(1)
+    assert socket.sent == []
+
+
+async def test_a_4008_drops_the_queue_and_closes_at_once() -> None:
+    world = await World({"GATEWAY_SEND_QUEUE_SIZE": "2"}).start()
+    session = await world.session("alice")
+    socket = FakeSocket(send_hangs=True)  # the writer is stuck on the welcome
+    task = asyncio.create_task(serve(socket, session, lambda: NOW_SECONDS))
+    await asyncio.sleep(0)
+    for _ in range(3):
+        session.deliver(Outgoing('{"type":"pong","ts":0}', "pong"))
+    async with asyncio.timeout(timeout(gateway.connection.FLUSH_BEFORE_CLOSE_SECONDS / 2)):
+        assert await task is CloseCode.TOO_SLOW  # not waiting for the writer
+    assert session.outbox.depth == 0
 
 
 async def test_a_close_that_never_completes_is_abandoned(

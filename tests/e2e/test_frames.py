@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import asyncio
 import json
+import struct
 
 import pytest
 
 from gateway.broker import Envelope
 from tests.e2e.conftest import Client, Gateway, StartGateway
-from tests.e2e.rawclient import BINARY, CONTINUATION, TEXT, RawClient, frame
+from tests.e2e.rawclient import BINARY, CLOSE, CONTINUATION, PING, PONG, TEXT, RawClient, frame
 from tests.helpers import timeout
 
 pytestmark = pytest.mark.e2e
@@ -109,6 +110,44 @@ async def test_repeated_invalid_messages_close_1008(start_gateway: StartGateway)
             assert (await client.recv_type("error"))["code"] == "invalid_json"
         await client.ws.send("not json")
         assert await client.close_code() == 1008
+
+
+async def frames_until_close(raw: RawClient) -> tuple[list[tuple[int, bytes]], int, str]:
+    """Every frame the server sends before its close frame (its pings left out), and that
+    close frame's code and reason."""
+    frames: list[tuple[int, bytes]] = []
+    while True:
+        opcode, payload = await raw.read_any_frame()
+        if opcode == CLOSE:
+            return frames, struct.unpack("!H", payload[:2])[0], payload[2:].decode()
+        if opcode != PING:
+            frames.append((opcode, payload))
+
+
+async def test_eleven_invalid_frames_at_once_get_ten_errors_then_1008(gateway: Gateway) -> None:
+    # GATEWAY_MAX_INVALID_MESSAGES=10 (the default): the first ten are refused with an error
+    # each, all of them delivered; the eleventh crosses the line and gets the close instead.
+    raw = await RawClient.open(gateway)
+    raw.send(frame(TEXT, b"not json") * 11)  # one write
+    frames, code, reason = await frames_until_close(raw)
+    assert [(opcode, json.loads(payload)["code"]) for opcode, payload in frames] == [
+        (TEXT, "invalid_json")
+    ] * 10
+    assert (code, reason) == (1008, "too many invalid messages")
+    raw.close()
+
+
+async def test_thirty_six_pings_at_once_get_fifteen_pongs_then_4029(gateway: Gateway) -> None:
+    # The defaults: a bucket of GATEWAY_RATE_BURST=15 tokens (refilled at 5 a second: none in
+    # the time one write takes), and GATEWAY_MAX_RATE_VIOLATIONS=20 refusals tolerated. Pings
+    # 1-15 take the tokens and are answered; 16-35 are refused, unanswered (20 violations);
+    # the 36th is the 21st and closes the connection. Every pong goes out before the close.
+    raw = await RawClient.open(gateway)
+    raw.send(b"".join(frame(PING, b"%d" % n) for n in range(36)))  # one write
+    frames, code, reason = await frames_until_close(raw)
+    assert frames == [(PONG, b"%d" % n) for n in range(15)]
+    assert (code, reason) == (4029, "repeated rate-limit abuse")
+    raw.close()
 
 
 async def test_rate_limit_then_4029(start_gateway: StartGateway) -> None:

@@ -16,8 +16,9 @@ from pathlib import Path
 import pytest
 from quart.wrappers import Websocket
 
+from gateway.connection import FLUSH_BEFORE_CLOSE_SECONDS
 from gateway.errors import CloseCode
-from gateway.hypercorn_fixes import WRITE_BUFFER_HIGH_BYTES, TransportControl
+from gateway.hypercorn_fixes import CLOSE_TIMEOUT_SECONDS, WRITE_BUFFER_HIGH_BYTES, TransportControl
 from gateway.session import Session
 from tests.e2e.conftest import Client, Gateway, StartGateway
 from tests.e2e.rawclient import CLOSE, CONTINUATION, PING, PONG, TEXT, RawClient, frame, tcp_sockets
@@ -157,7 +158,62 @@ async def test_expiry_and_drain_of_a_client_that_never_reads_end_its_connection(
         if code == 1001:
             session.request_close(CloseCode.GOING_AWAY)  # what the drain does, one by one
         await wait_for(lambda: session.close_code == code, timeout(10), f"closed {code}")
-        await wait_for(lambda: not tcp_sockets(gw.port, port), 5, "the server's socket gone")
+        # What its outbox holds may go first, if it reads (it does not): the close frame follows
+        # within FLUSH_BEFORE_CLOSE_SECONDS, and the reset CLOSE_TIMEOUT_SECONDS after that.
+        bound_seconds = FLUSH_BEFORE_CLOSE_SECONDS + CLOSE_TIMEOUT_SECONDS + 2
+        await wait_for(lambda: not tcp_sockets(gw.port, port), bound_seconds, "socket gone")
+        await wait_for(lambda: "zombie" not in user_ids(gw), 5, "its session gone")
+        await z.close()
+
+
+async def frames_until_close(raw: RawClient) -> tuple[list[tuple[int, bytes]], int, str]:
+    """Every frame the server sends before its close frame (pings and pongs left out), and
+    that close frame's code and reason."""
+    frames: list[tuple[int, bytes]] = []
+    while True:
+        opcode, payload = await raw.read_frame()
+        if opcode == CLOSE:
+            return frames, struct.unpack("!H", payload[:2])[0], payload[2:].decode()
+        frames.append((opcode, payload))
+
+
+@pytest.mark.parametrize("reads", [True, False])
+async def test_replies_queued_behind_a_backlog_arrive_before_the_abuse_close(
+    start_gateway: StartGateway, reads: bool
+) -> None:
+    async with start_gateway(GATEWAY_RATE_PER_SECOND="10000", GATEWAY_RATE_BURST="10000") as gw:
+        z = await Zombie.join(gw)
+        session, raw = z.session, z.raw
+        # Its connection backs up (it does not read for now): frames wait in its outbox.
+        async with asyncio.timeout(timeout(30)):
+            while session.outbox.depth < 20:
+                await z.sender.send({"type": "chat", "room": "lobby", "message": "y" * 2000})
+                await asyncio.sleep(0.001)
+        # Eleven invalid frames in one write: ten error replies queue behind the backlog, the
+        # eleventh crosses the line (GATEWAY_MAX_INVALID_MESSAGES=10).
+        raw.send(frame(TEXT, b"not json") * 11)
+        await wait_for(lambda: session.close_code is not None, 5, "the abuse close decided")
+        assert session.close_code == CloseCode.POLICY_VIOLATION
+        # Nothing more is queued once the close is decided: the outbox only shrinks.
+        bound = session.outbox.depth
+        assert bound >= 20
+        for _ in range(20):
+            await z.sender.send({"type": "chat", "room": "lobby", "message": "y" * 2000})
+        assert session.outbox.depth <= bound
+        port = raw.local_port
+        if reads:
+            # It reads now: everything queued before the close, the ten errors last, then the
+            # close frame, promptly.
+            started = time.monotonic()
+            frames, code, reason = await frames_until_close(raw)
+            assert time.monotonic() - started < timeout(2)
+            texts = [json.loads(payload) for opcode, payload in frames if opcode == TEXT]
+            assert [t.get("code") for t in texts[-10:]] == ["invalid_json"] * 10
+            assert all(t["type"] != "error" for t in texts[:-10])
+            assert (code, reason) == (1008, "too many invalid messages")
+        # Read or not, the connection ends within the flush and the close's bounds.
+        bound_seconds = FLUSH_BEFORE_CLOSE_SECONDS + CLOSE_TIMEOUT_SECONDS + 2
+        await wait_for(lambda: not tcp_sockets(gw.port, port), bound_seconds, "socket gone")
         await wait_for(lambda: "zombie" not in user_ids(gw), 5, "its session gone")
         await z.close()
 
