@@ -29,7 +29,7 @@ from quart.asgi import ASGIWebsocketConnection
 
 from gateway.errors import CLOSE_REASONS, CloseCode, ConnectionClosing
 from gateway.hub import RECEIVED_MONOTONIC
-from gateway.hypercorn_fixes import CLOSE_TIMEOUT_SECONDS
+from gateway.hypercorn_fixes import CLOSE_TIMEOUT_SECONDS, TransportControl
 from gateway.primitives import LeanQueue
 from gateway.session import Session
 
@@ -203,6 +203,9 @@ async def run_connection(
         code = _close_code(session, reader, writer, done)
         session.request_close(code)  # nothing more is queued; what waits goes first
         await _flush(writer, session)
+    except asyncio.CancelledError:  # the client, or the WebSocket layer, ended the connection
+        _log_refused(session)
+        raise
     finally:
         expiry.cancel()
         session.on_expiry_changed = None
@@ -263,7 +266,20 @@ async def _flush(writer: asyncio.Task[None], session: Session) -> None:
         )
 
 
-def _log_closing(session: Session, code: CloseCode, why: str) -> None:
+def _log_refused(session: Session) -> None:
+    """Log the close the server's WebSocket layer sent for a frame it refused (1009, 1007,
+    1002) as :func:`run_connection` logs its own: the app learns of it only as a disconnect."""
+    control = session.outbox.sink
+    if isinstance(control, TransportControl) and control.refused is not None:
+        code, reason, why = control.refused
+        _log_closing(session, code, why, reason)
+
+
+def _log_closing(session: Session, code: int, why: str, reason: str | None = None) -> None:
+    """The one line of every close the server decides: its code, the reason the close frame
+    carries, and why (for the operator: never sent)."""
+    if reason is None:
+        reason = CLOSE_REASONS[CloseCode(code)]
     log.info(
         "closing connection",
         extra={
@@ -271,6 +287,7 @@ def _log_closing(session: Session, code: CloseCode, why: str) -> None:
             "user_id": session.user_id,
             "client": session.client,
             "close_code": int(code),
+            "reason": reason,
             "why": why,
         },
     )

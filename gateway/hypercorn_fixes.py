@@ -11,14 +11,16 @@
 3. **An over-cap message leaves the socket open**: after sending close 1009, ``_handle_events``
    stops with events still queued and never ends the stream, so a client that keeps sending
    fragments holds the connection. Here the stream ends (the TCP connection is closed) right
-   after the 1009 close frame.
+   after the 1009 close frame, whose reason is the one docs/protocol.md gives (Hypercorn's
+   has none).
 4. **A closed connection lingers** until its ping task wakes from a full ping interval (20 s
    here), which also holds up a graceful shutdown. Here the ping task wakes when the stream
    ends.
 
 5. **A protocol error found by wsproto** (invalid UTF-8, a bad frame) ends the TCP connection
    without a close frame, so the client never learns 1007 or 1002. Here the close frame is
-   sent first.
+   sent first, with the reason docs/protocol.md gives (1007: ``invalid UTF-8``, not Python's
+   decoder message); the app finds what was refused in :attr:`TransportControl.refused`.
 6. **The access-log record carries every request header and the query string** in its
    ``args`` (``AccessLogAtoms``), so an ``Authorization`` header or an ``access_token`` reaches
    any handler that looks past the formatted line. :class:`SafeAccessLogger` hands the log
@@ -102,8 +104,8 @@ from hypercorn.typing import ResponseSummary, WWWScope
 from wsproto.connection import ConnectionState
 from wsproto.events import CloseConnection, Message, Ping, Pong, TextMessage
 from wsproto.events import Event as WSProtoEvent
-from wsproto.frame_protocol import CloseReason
 
+from gateway.errors import CLOSE_REASONS, CloseCode
 from gateway.outbox import Offer, Outgoing, text_frame
 from gateway.primitives import LeanQueue
 from gateway.ratelimit import Verdict
@@ -149,6 +151,9 @@ TRANSPORT_EXTENSION = "gateway.transport"
 COALESCE_LAG_SECONDS = 0.005
 #: RFC 6455 section 5: a frame that is not the last of its message.
 _FRAGMENT = "fragment"
+#: What to log of a protocol error wsproto found, by close code, where its own message would
+#: carry a piece of the frame (a decoder's message names the byte it could not decode).
+_PROTOCOL_ERRORS = {int(CloseCode.INVALID_PAYLOAD): "a text frame or close reason not in UTF-8"}
 
 #: A WebSocket's frame meter: told of each ``ping``, ``pong`` and ``fragment`` frame, it
 #: answers whether to act on it (:class:`~gateway.ratelimit.Verdict`).
@@ -314,6 +319,8 @@ class TransportControl:
             does not end its message) the client sends. ``ACCEPT``: handle it; ``REFUSE``: a
             ping is not answered; ``CLOSE``: the app is closing the connection for abuse, and
             nothing more is read from it.
+        refused: set by the stream when it closed the connection for a frame it refused
+            before the app saw it: ``(code, reason sent, why)``.
     """
 
     __slots__ = (
@@ -326,6 +333,7 @@ class TransportControl:
         "_transport",
         "frame_meter",
         "open",
+        "refused",
     )
 
     def __init__(
@@ -346,6 +354,10 @@ class TransportControl:
         #: the stream or the app ending): data frames may be written only then. The stream
         #: keeps it, so a write costs no state lookups.
         self.open = False
+        #: Set when this layer closed the connection for a frame it refused (1009 over the
+        #: size cap, 1007 invalid UTF-8, 1002 a framing error), before the app saw it: the
+        #: close code, the reason sent, and what was wrong (for the app's log, never sent).
+        self.refused: tuple[int, str, str] | None = None
 
     def meter(self, kind: str) -> Verdict:
         meter = self.frame_meter
@@ -638,9 +650,8 @@ class GatewayWSStream(WSStream):
                     self.buffer.extend(event)
                 except FrameTooLargeError:
                     self.buffer.clear()
-                    self._close_code = CloseReason.MESSAGE_TOO_BIG.value
-                    await self._send_wsproto_event(
-                        CloseConnection(code=CloseReason.MESSAGE_TOO_BIG)
+                    await self._refuse(
+                        CloseCode.MESSAGE_TOO_BIG, f"a message over {self.buffer.max_length} bytes"
                     )
                     await self.send(StreamClosed(stream_id=self.stream_id))
                     return
@@ -666,13 +677,24 @@ class GatewayWSStream(WSStream):
                     self._close_code = event.code  # the client closed first
                     await self._send_wsproto_event(event.response())
                 elif self.connection.state == ConnectionState.OPEN:
-                    self._close_code = event.code
                     # wsproto reports a protocol error it found (1007 invalid UTF-8, 1002) as
                     # a close event without sending one; tell the client why (RFC 6455 7.1.7).
-                    await self._send_wsproto_event(
-                        CloseConnection(code=event.code, reason=event.reason)
-                    )
+                    why = _PROTOCOL_ERRORS.get(event.code) or event.reason or "protocol error"
+                    await self._refuse(event.code, why)
                 await self.send(StreamClosed(stream_id=self.stream_id))
+
+    async def _refuse(self, code: int, why: str) -> None:
+        """Close for a frame this layer refused, before the app saw it: with the reason
+        docs/protocol.md gives the code (:data:`gateway.errors.CLOSE_REASONS`; wsproto's own
+        for a code the table lacks, 1002), never a decoder's message. The code reaches the app
+        in the disconnect event, and ``why`` (for its log) in :attr:`TransportControl.refused`."""
+        try:
+            reason = CLOSE_REASONS[CloseCode(code)]
+        except (ValueError, KeyError):
+            reason = why
+        self._close_code = code
+        self.control.refused = (code, reason, why)
+        await self._send_wsproto_event(CloseConnection(code=code, reason=reason))
 
     def _metered(self, kind: str) -> bool:
         """Offer a frame the app never sees to its meter; False when reading must stop."""

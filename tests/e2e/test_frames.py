@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import struct
 
 import pytest
 
 from gateway.broker import Envelope
+from gateway.errors import CloseCode
 from tests.e2e.conftest import Client, Gateway, StartGateway
 from tests.e2e.rawclient import BINARY, CLOSE, CONTINUATION, PING, PONG, TEXT, RawClient, frame
 from tests.helpers import timeout
@@ -59,6 +61,89 @@ async def test_fragmented_message_over_the_cap_closes_the_socket(
         assert await raw.read_close() == 1009
         assert await raw.eof_within(1.0), "the TCP connection stayed open after close 1009"
         raw.close()
+
+
+def closing_lines(caplog: pytest.LogCaptureFixture) -> list[dict[str, object]]:
+    """The fields of each "closing connection" line (gateway.connection) logged so far."""
+    return [
+        {key: r.__dict__.get(key) for key in ("close_code", "reason", "why", "conn_id")}
+        for r in caplog.records
+        if r.name == "gateway.connection" and r.msg == "closing connection"
+    ]
+
+
+CLOSES_BY_THE_WEBSOCKET_LAYER = {
+    # What the client sends, and the close it gets: code, the reason of docs/protocol.md's
+    # table (Hypercorn sent 1009 without one, and 1007 with Python's decoder message), and
+    # why, for the log alone.
+    "over the cap": (
+        frame(TEXT, b'{"type":"ping","ref":"' + b"a" * 1100 + b'"}'),
+        1009,
+        "message over the size cap",
+        "a message over 1024 bytes",
+    ),
+    "fragments over the cap": (
+        frame(TEXT, b"a" * 600, fin=False) + frame(CONTINUATION, b"a" * 600),
+        1009,
+        "message over the size cap",
+        "a message over 1024 bytes",
+    ),
+    "invalid UTF-8": (
+        frame(TEXT, b'{"type":"ping","ref":"\xff\xfe"}'),
+        1007,
+        "invalid UTF-8",
+        "a text frame or close reason not in UTF-8",
+    ),
+    "a close reason not in UTF-8": (
+        frame(CLOSE, struct.pack("!H", 1000) + b"\xff"),
+        1007,
+        "invalid UTF-8",
+        "a text frame or close reason not in UTF-8",
+    ),
+}
+
+
+@pytest.mark.parametrize("case", sorted(CLOSES_BY_THE_WEBSOCKET_LAYER))
+async def test_closes_of_the_websocket_layer_carry_the_documented_reason_and_are_logged(
+    start_gateway: StartGateway, caplog: pytest.LogCaptureFixture, case: str
+) -> None:
+    caplog.set_level(logging.INFO, logger="gateway")
+    sent, code, reason, why = CLOSES_BY_THE_WEBSOCKET_LAYER[case]
+    async with start_gateway(GATEWAY_MAX_MESSAGE_BYTES="1024") as gw:
+        raw = await RawClient.open(gw)
+        [conn_id] = gw.services.sessions
+        raw.send(sent)
+        frames, got_code, got_reason = await frames_until_close(raw)
+        assert (frames, got_code, got_reason) == ([], code, reason)
+        raw.close()
+        async with asyncio.timeout(timeout(5)):
+            while gw.services.sessions:
+                await asyncio.sleep(0.01)
+    assert closing_lines(caplog) == [
+        {"close_code": code, "reason": reason, "why": why, "conn_id": conn_id}
+    ]
+    [closed] = [r for r in caplog.records if r.msg == "connection closed"]
+    assert closed.__dict__["close_code"] == code
+
+
+async def test_the_server_going_away_closes_1001_with_its_reason_and_logs_it(
+    gateway: Gateway, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger="gateway")
+    raw = await RawClient.open(gateway)
+    [(conn_id, session)] = gateway.services.sessions.items()
+    session.request_close(CloseCode.GOING_AWAY)  # what the drain does to each connection
+    frames, code, reason = await frames_until_close(raw)
+    assert (frames, code, reason) == ([], 1001, "server going away, reconnect elsewhere")
+    raw.close()
+    assert closing_lines(caplog) == [
+        {
+            "close_code": 1001,
+            "reason": "server going away, reconnect elsewhere",
+            "why": "server going away, reconnect elsewhere",
+            "conn_id": conn_id,
+        }
+    ]
 
 
 @pytest.mark.parametrize("payload", [b"\x00\x01binary", b""])
