@@ -30,9 +30,13 @@ from gateway.jwks import JwksCache, JwksError
 from gateway.settings import ROOM_NAME, Settings, is_room_name
 
 __all__ = [
+    "FALLBACK_NAME",
+    "MAX_NAME_CHARS",
+    "MAX_SUB_CHARS",
     "MAX_TOKEN_CHARS",
     "Principal",
     "TokenVerifier",
+    "default_name",
     "extract_token",
     "mint_token",
     "origin_allowed",
@@ -40,6 +44,13 @@ __all__ = [
 
 MAX_TOKEN_CHARS = 8192
 MAX_ROOMS = 100
+#: The longest ``sub`` (the user id) and display name, in characters (Unicode code points, as
+#: JSON Schema counts a string's length: schemas/defs.json).
+MAX_SUB_CHARS = 128
+MAX_NAME_CHARS = 64
+#: The display name of a token without a ``name`` claim whose ``sub`` cannot serve as one
+#: (:func:`default_name`). It passes every rule of a name, as a default must.
+FALLBACK_NAME = "user"
 _B64TOKEN = re.compile(r"[A-Za-z0-9\-._~+/]+=*")  # RFC 6750 section 2.1
 _COMPACT_JWS = re.compile(r"[A-Za-z0-9_-]+\.[A-Za-z0-9_-]+\.[A-Za-z0-9_-]*")  # RFC 7515 7.1
 _ORIGIN_CHARS = re.compile(r"[\x21-\x7e]+")  # urlsplit silently drops tabs and newlines
@@ -80,12 +91,19 @@ def _claims_error(detail: str) -> AuthError:
     return AuthError("invalid_claims", detail)
 
 
+#: Unicode categories no claim's text may hold: controls, and surrogates (only lone ones
+#: reach a str: a JSON escape of a valid pair decodes to one character).
+_NOT_TEXT = frozenset({"Cc", "Cs"})
+
+
 def _text_ok(value: object, max_chars: int) -> bool:
+    """1 to ``max_chars`` characters, not blank, no control character, and no lone surrogate
+    (a JSON string may hold ``"\\ud800"``: not Unicode text, it cannot be sent in any frame)."""
     return (
         isinstance(value, str)
         and 1 <= len(value) <= max_chars
         and bool(value.strip())
-        and not any(unicodedata.category(c) == "Cc" for c in value)
+        and not any(unicodedata.category(c) in _NOT_TEXT for c in value)
     )
 
 
@@ -93,15 +111,63 @@ def _text_ok(value: object, max_chars: int) -> bool:
 #: scripts (Persian, Indic) and emoji sequences need. Every other format character (category
 #: Cf: bidi overrides and isolates such as U+202E, marks, zero-width spaces, tags) is refused:
 #: in a name they only serve to impersonate ("alice" + U+200B) or reorder what follows.
-_NAME_FORMAT_ALLOWED = frozenset("\u200c\u200d")
+_JOINERS = "\u200c\u200d"
+_NAME_FORMAT_ALLOWED = frozenset(_JOINERS)
 
 
 def _name_ok(value: object) -> bool:
     """A display name: 1 to 64 characters, not blank, no control or format character but
     those of :data:`_NAME_FORMAT_ALLOWED` (docs/protocol.md, Credentials)."""
-    return _text_ok(value, 64) and not any(
+    return _text_ok(value, MAX_NAME_CHARS) and not any(
         unicodedata.category(c) == "Cf" and c not in _NAME_FORMAT_ALLOWED for c in str(value)
     )
+
+
+def default_name(sub: str) -> str:
+    """The display name of a token without a ``name`` claim: its ``sub``, cut to
+    :data:`MAX_NAME_CHARS` characters (whole code points; a joiner the cut leaves at the end,
+    which would join nothing, goes too), or :data:`FALLBACK_NAME` when that is not a valid
+    name (a format character such as U+202E in it, or only blanks): always a valid name, so a
+    token is never refused for a claim it does not carry."""
+    name = sub
+    if len(name) > MAX_NAME_CHARS:
+        name = name[:MAX_NAME_CHARS].rstrip(_JOINERS)
+    return name if _name_ok(name) else FALLBACK_NAME
+
+
+_SUB_RULE = (
+    f"the sub claim must be a string of 1 to {MAX_SUB_CHARS} characters, not blank, without "
+    "control characters or unpaired surrogates"
+)
+_NAME_RULE = (
+    f"the name claim must be a string of 1 to {MAX_NAME_CHARS} characters, without control or "
+    "format characters (bidi overrides, zero-width spaces)"
+)
+_ROOMS_RULE = (
+    f"the rooms claim must be a list of at most {MAX_ROOMS} room names (each matching "
+    f"{ROOM_NAME.pattern})"
+)
+#: A ``name`` claim the token does not carry (an explicit ``null`` is carried, and refused).
+_ABSENT = object()
+
+
+def _identity(sub: object, name: object, rooms: object) -> tuple[str, str, frozenset[str]]:
+    """The user id, display name and rooms of a token's claims, checked by the one set of
+    rules the verifier and :func:`mint_token` share (``name`` is :data:`_ABSENT` when the
+    token has none: then :func:`default_name`).
+
+    Raises:
+        ValueError: with what is wrong, for people.
+    """
+    if not isinstance(sub, str) or not _text_ok(sub, MAX_SUB_CHARS):
+        raise ValueError(_SUB_RULE)
+    if name is _ABSENT:
+        name = default_name(sub)
+    elif not isinstance(name, str) or not _name_ok(name):
+        raise ValueError(_NAME_RULE)
+    if not isinstance(rooms, list) or not _rooms_ok(rooms):
+        raise ValueError(_ROOMS_RULE)
+    return sub, name, frozenset(rooms)
 
 
 def _rooms_ok(rooms: object) -> bool:
@@ -248,19 +314,13 @@ class TokenVerifier:
             raise AuthError("expired", "the token has expired")
         if (nbf is not None and nbf > now + leeway) or (iat is not None and iat > now + leeway):
             raise AuthError("not_yet_valid", "the token is not valid yet (nbf or iat)")
-        sub = payload["sub"]
-        if not _text_ok(sub, 128):
-            raise _claims_error("the sub claim must be a string of 1 to 128 characters")
-        name = payload.get("name", sub)
-        if not _name_ok(name):
-            raise _claims_error(
-                "the name claim must be a string of 1 to 64 characters, without control or "
-                "format characters (bidi overrides, zero-width spaces)"
+        try:
+            sub, name, rooms = _identity(
+                payload["sub"], payload.get("name", _ABSENT), payload.get("rooms", [])
             )
-        rooms = payload.get("rooms", [])
-        if not _rooms_ok(rooms):
-            raise _claims_error(f"the rooms claim must be a list of at most {MAX_ROOMS} room names")
-        return Principal(user_id=sub, name=name, rooms=frozenset(rooms), expires_at=exp)
+        except ValueError as error:
+            raise _claims_error(str(error)) from None
+        return Principal(user_id=sub, name=name, rooms=rooms, expires_at=exp)
 
 
 def extract_token(authorization: str | None, query_string: bytes | str) -> str:
@@ -339,23 +399,20 @@ def mint_token(
     ttl_seconds: float = 3600,
     now: float | None = None,
 ) -> str:
-    """Issue an HS256 token the verifier accepts (for development and tests).
+    """Issue an HS256 token the verifier accepts (for development and tests): its claims pass
+    the verifier's own checks, so it refuses exactly the ``sub``, ``name`` and ``rooms`` the
+    verifier would. Without ``name``, the token carries none, and the verifier gives the user
+    :func:`default_name` of ``sub``.
 
     Raises:
         ValueError: when HS256 is not allowed or no secret is set, or a claim would be invalid.
     """
     if settings.jwt_secret is None or "HS256" not in settings.secret_algorithms:
         raise ValueError("mint_token needs HS256 in GATEWAY_JWT_ALGORITHMS and GATEWAY_JWT_SECRET")
-    room_list = list(rooms)
-    if not _text_ok(sub, 128):
-        raise ValueError("sub must be a string of 1 to 128 characters without control characters")
-    if not _name_ok(sub if name is None else name):
-        raise ValueError(
-            "name (the sub when no name is given) must be a string of 1 to 64 characters "
-            "without control or format characters (bidi overrides, zero-width spaces)"
-        )
-    if not _rooms_ok(room_list):
-        raise ValueError(f"rooms must be at most {MAX_ROOMS} names matching {ROOM_NAME.pattern}")
+    if isinstance(rooms, str):
+        raise ValueError("rooms must be a list of room names, not one string")
+    room_list = sorted(set(rooms))
+    _identity(sub, _ABSENT if name is None else name, room_list)
     if not (math.isfinite(ttl_seconds) and ttl_seconds > 0):
         raise ValueError("ttl_seconds must be a positive number")
     issued_at = int(time.time() if now is None else now)
@@ -364,7 +421,7 @@ def mint_token(
             f"ttl_seconds is too large: the token would expire after what the verifier accepts "
             f"(at most {int(_MAX_NUMERIC_DATE - issued_at)} seconds from now)"
         )
-    claims: dict[str, Any] = {"sub": sub, "rooms": sorted(set(room_list)), "iat": issued_at}
+    claims: dict[str, Any] = {"sub": sub, "rooms": room_list, "iat": issued_at}
     claims["exp"] = issued_at + max(1, int(ttl_seconds))
     if name is not None:
         claims["name"] = name

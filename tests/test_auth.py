@@ -19,15 +19,20 @@ from pathlib import Path
 from typing import Any
 
 import jwt
+import orjson
 import pytest
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from jwt.algorithms import ECAlgorithm, OKPAlgorithm, RSAAlgorithm
 
 from gateway.auth import (
+    FALLBACK_NAME,
     MAX_TOKEN_CHARS,
     Principal,
     TokenVerifier,
+    default_name,
     extract_token,
     mint_token,
     origin_allowed,
@@ -141,6 +146,69 @@ async def test_valid_token_gives_principal(verifier: TokenVerifier) -> None:
 async def test_name_defaults_to_sub_and_rooms_to_empty(verifier: TokenVerifier) -> None:
     principal = await verifier.verify(hs_token(claims()))
     assert (principal.name, principal.rooms) == ("alice", frozenset())
+
+
+@pytest.mark.parametrize(
+    ("sub", "name"),
+    [
+        # A sub longer than a name may be: its first 64 characters (it was refused, for the
+        # name claim it does not carry).
+        ("s" * 65, "s" * 64),
+        ("u" * 128, "u" * 64),
+        ("\U0001f600" * 100, "\U0001f600" * 64),  # characters, not bytes or UTF-16 units
+        # A joiner the cut leaves at the end joins nothing: it goes too.
+        ("a" * 63 + "\u200d" + "b" * 10, "a" * 63),
+        ("a" * 62 + "\u200c\u200d" + "b" * 10, "a" * 62),
+        # Past the cut, anything: the name does not hold it.
+        ("a" * 64 + "\u202e" + "b", "a" * 64),
+        # A sub that cannot be a name (it is a user id: any text): the fixed default.
+        ("\u202eecila", FALLBACK_NAME),  # a right-to-left override
+        ("ali\u200bce", FALLBACK_NAME),  # a zero-width space
+        ("\u2066" + "a" * 70, FALLBACK_NAME),  # in the first 64
+        (" " * 64 + "x", FALLBACK_NAME),  # cut to blanks
+    ],
+)
+async def test_without_a_name_claim_the_name_comes_from_the_sub_and_always_verifies(
+    verifier: TokenVerifier, sub: str, name: str
+) -> None:
+    principal = await verifier.verify(hs_token(claims(sub=sub)))
+    assert (principal.user_id, principal.name) == (sub, name)
+    assert default_name(sub) == name
+    # The name given is one the verifier accepts as a name claim too.
+    assert (await verifier.verify(hs_token(claims(sub="u", name=name)))).name == name
+    # gateway token mints the same: nothing the server accepts is refused there.
+    minted = await verifier.verify(mint_token(hs_settings(), sub=sub, now=NOW))
+    assert minted.name == name
+
+
+#: Any text a JSON string can hold: every code point, lone surrogates included.
+any_text = st.text(st.characters(exclude_categories=()), max_size=140)
+
+
+@given(sub=any_text | st.just("s" * 200), name=st.none() | any_text)
+@settings(max_examples=600, deadline=None)
+def test_mint_refuses_exactly_what_the_verifier_refuses(sub: str, name: str | None) -> None:
+    verifier = TokenVerifier(hs_settings(), clock=FakeClock())
+    token = hs_token(claims(sub=sub, **({} if name is None else {"name": name})))
+    try:
+        principal: Principal | None = asyncio.run(verifier.verify(token))
+    except AuthError as error:
+        assert error.reason == "invalid_claims"
+        principal = None
+    try:
+        minted = mint_token(hs_settings(), sub=sub, name=name, now=NOW)
+    except ValueError:
+        assert principal is None, "gateway token refused what the server accepts"
+        return
+    assert principal is not None, "gateway token made a token the server refuses"
+    again = asyncio.run(verifier.verify(minted))
+    assert (again.user_id, again.name, again.rooms) == (sub, principal.name, principal.rooms)
+    # What the server accepts, it can send: every frame naming this user encodes.
+    assert principal.name == (default_name(sub) if name is None else name)
+    assert principal.name and len(principal.name) <= 64 and len(principal.user_id) <= 128
+    orjson.dumps({"id": principal.user_id, "name": principal.name})
+    if name is None:  # the default name is itself a valid name claim
+        asyncio.run(verifier.verify(hs_token(claims(sub="u", name=principal.name))))
 
 
 async def test_boundary_sizes_pass(verifier: TokenVerifier) -> None:
@@ -331,6 +399,8 @@ async def test_exp_optional_when_configured() -> None:
         {"sub": "   "},
         {"sub": "s" * 129},
         {"sub": "alice\nadmin"},
+        {"sub": "\ud800"},  # a lone surrogate: no UTF-8 holds it, no frame could carry it
+        {"sub": "alice\udfff"},
         {"name": 42},
         {"name": ""},
         {"name": "n" * 65},
@@ -341,7 +411,7 @@ async def test_exp_optional_when_configured() -> None:
         {"name": "\u2066alice\u2069"},  # an isolate
         {"name": "\ufeffalice"},  # a byte order mark
         {"name": "alice\u200e"},  # a left-to-right mark
-        {"sub": "\u202eecila"},  # no name: the sub is the name
+        {"name": "Ev\udc00e"},  # a lone surrogate
         {"rooms": "lobby"},
         {"rooms": None},
         {"rooms": {"lobby": True}},
@@ -825,6 +895,15 @@ async def test_minted_token_without_name_uses_sub() -> None:
     token = mint_token(settings, sub="u-2", now=NOW)
     principal = await TokenVerifier(settings, clock=FakeClock(NOW + 3000)).verify(token)
     assert principal.name == "u-2" and principal.expires_at == NOW + 3600
+    assert "name" not in jwt.decode(token, SECRET, ["HS256"], {"verify_exp": False})
+
+
+async def test_minted_rooms_are_counted_as_the_verifier_sees_them() -> None:
+    # 101 names, 100 of them different: the token carries each once, and is accepted.
+    rooms = [f"r{i}" for i in range(100)] + ["r0"]
+    token = mint_token(hs_settings(), sub="u", rooms=rooms, now=NOW)
+    principal = await TokenVerifier(hs_settings(), clock=FakeClock()).verify(token)
+    assert len(principal.rooms) == 100
 
 
 def test_mint_needs_hs256_and_a_secret(tmp_path: Path, ed_key: ed25519.Ed25519PrivateKey) -> None:
@@ -850,8 +929,9 @@ def test_mint_needs_hs256_and_a_secret(tmp_path: Path, ed_key: ed25519.Ed25519Pr
         {"ttl_seconds": float("inf")},
         {"ttl_seconds": 1e12},  # beyond the latest exp the verifier accepts
         {"name": "\u202eecila"},
-        {"sub": "ali\u200bce"},  # and no name: the sub would be the name
-        {"sub": "s" * 65},  # the same: a name has at most 64 characters
+        {"sub": "\ud800"},
+        {"name": "\udfff"},
+        {"rooms": "lobby"},  # one string is not a list of rooms (it was five one-letter rooms)
     ],
 )
 def test_mint_refuses_invalid_claims(changes: dict[str, Any]) -> None:

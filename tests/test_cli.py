@@ -75,6 +75,39 @@ async def test_token_from_the_secret_file_after_dev_setup(tmp_path: Path) -> Non
 
 
 @pytest.mark.parametrize(
+    ("sub", "name"),
+    [
+        ("s" * 100, "s" * 64),  # a sub longer than a name: its first 64 characters
+        ("\u202eecila", "user"),  # a sub that cannot be a name: the fixed default
+    ],
+)
+async def test_token_without_a_name_is_refused_only_where_the_server_refuses_it(
+    tmp_path: Path, sub: str, name: str
+) -> None:
+    # Both were refused ("name (the sub when no name is given) ..."), as the server refused
+    # such tokens for a claim they do not carry; now the server names the user, and the
+    # command makes the token.
+    env = clean_env(GATEWAY_JWT_SECRET=TEST_SECRET)
+    result = await gateway_cli("token", "--sub", sub, env=env, cwd=tmp_path)
+    assert (result.status, result.stderr) == (0, ""), result.stderr
+    principal = await TokenVerifier(make_settings()).verify(result.stdout.strip())
+    assert (principal.user_id, principal.name) == (sub, name)
+
+
+@pytest.mark.parametrize("option", ["--sub", "--name"])
+async def test_token_refuses_a_claim_that_is_not_unicode_text(tmp_path: Path, option: str) -> None:
+    # A byte that is not UTF-8 in the arguments reaches Python as a lone surrogate, which a
+    # token could carry (JSON escapes it) but no frame could: the server refuses such a
+    # token (it accepted one, then failed on the welcome), and so does the command.
+    args = ("--sub", "alice", option, os.fsdecode(b"al\xffce"))
+    env = clean_env(GATEWAY_JWT_SECRET=TEST_SECRET)
+    result = await gateway_cli("token", *args, env=env, cwd=tmp_path)
+    assert (result.status, result.stdout) == (2, "")
+    assert result.stderr.startswith(f"gateway: the {option[2:]} claim must be a string")
+    assert "Traceback" not in result.stderr
+
+
+@pytest.mark.parametrize(
     "args",
     [
         ("--sub", "alice", "--rooms", "lobby,bad room"),
