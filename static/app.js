@@ -62,6 +62,16 @@ export function closeAction(code) {
   return "reconnect";
 }
 
+/** A token's display name when it has no name claim, as the server makes it (gateway/auth.py default_name): the
+ * sub cut to 64 code points (a joiner left dangling at the cut goes too), or "user" when that is no valid name. */
+export function defaultName(sub) {
+  const chars = Array.from(sub);
+  let name = chars.slice(0, 64).join("");
+  if (chars.length > 64) name = name.replace(/[\u200c\u200d]+$/u, "");
+  const bad = /[\p{Cc}\p{Cs}]|(?![\u200c\u200d])\p{Cf}/u;
+  return name.trim() && !bad.test(name) ? name : "user";
+}
+
 /** When to refresh a token: ~30 s before expiry, or at 80 % of the remaining lifetime if it is short. */
 export function refreshDelayMs(expiresAtMs, nowMs, { leadMs = 30000 } = {}) {
   const lifetimeMs = expiresAtMs - nowMs;
@@ -735,7 +745,7 @@ function startApp() {
       return notify(expired ? "This sign-in link has expired: ask for a new one."
         : "This sign-in link is not valid: ask for a new one.", expired ? "link-expired" : "link-invalid", true);
     }
-    const name = claims.name ?? claims.sub; // the server's rule: no name claim, the sub is the name
+    const name = claims.name ?? defaultName(String(claims.sub)); // the server's rule (gateway/auth.py default_name)
     linkToken = token;
     [ui.linkName.textContent, ui.linkSub.textContent, ui.linkContinueName.textContent] = [name, claims.sub, name];
     [ui.signinPanel.hidden, ui.chat.hidden, ui.signout.hidden, ui.linkPanel.hidden] = [true, true, true, false];

@@ -395,7 +395,7 @@ async def test_development_serves_the_page_with_the_dev_token_endpoint() -> None
     async with running() as client:
         response = await client.get("/")
         assert response.status_code == 200
-        assert token_meta(await response.get_data()) == ("/dev/token", "dev")
+        assert token_meta(await response.get_data(as_text=False)) == ("/dev/token", "dev")
 
 
 @pytest.mark.parametrize("path", ["/", "/static/app.js", "/static/index.html", "/static/style.css"])
@@ -413,14 +413,14 @@ async def test_production_with_a_token_url_serves_the_page_that_calls_it(url: st
         for path in ("/", "/static/index.html"):
             response = await client.get(path)
             assert response.status_code == 200
-            assert token_meta(await response.get_data()) == (url, "session")
+            assert token_meta(await response.get_data(as_text=False)) == (url, "session")
         assert (await client.get("/static/app.js")).status_code == 200
         assert (await client.post("/dev/token", json={"name": "Alice"})).status_code == 404
 
 
 async def test_the_token_url_wins_over_the_dev_endpoint_in_development() -> None:
     async with running({"GATEWAY_PAGE_TOKEN_URL": "/login/token"}) as client:
-        page = await (await client.get("/")).get_data()
+        page = await (await client.get("/")).get_data(as_text=False)
     assert token_meta(page) == ("/login/token", "session")
 
 
