@@ -246,8 +246,8 @@ class Metrics:
         )
         dropped = Counter(
             "gateway_broker_dropped_total",
-            "Messages on the broker's channels that were dropped, by reason (forged, tampered, "
-            "replayed, garbage).",
+            "Messages on the broker's channels that were dropped, by reason (malformed, "
+            "signature, room, stale, replayed, number).",
             ["reason"],
             registry=r,
         )

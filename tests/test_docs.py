@@ -125,3 +125,23 @@ def test_every_metric_series_is_documented_and_every_documented_one_is_exported(
     assert {"gateway_connections_open", "gateway_disconnects_total"} <= exported
     assert exported - documented == set(), "series missing from docs/deployment.md (Metrics)"
     assert documented - exported == set(), "docs/deployment.md (Metrics) names series not exported"
+
+
+def test_every_gateway_metric_is_explained_in_the_configuration() -> None:
+    """docs/configuration.md's Metrics table says what each label value means: one row per
+    metric, by the name it is declared with (a counter's ``_total``, a histogram's base)."""
+    section = read("docs/configuration.md").split("\n## Operations", 1)[1]
+    rows = [line for line in section.splitlines() if line.startswith("| `gateway_")]
+    documented = set(re.findall(r"`(gateway_[a-z0-9_]+)`", "\n".join(rows)))
+    exported = metric_series_exported()
+    declared = set()
+    for name in exported:
+        if not name.startswith("gateway_") or name.endswith("_created"):
+            continue
+        for suffix in ("_bucket", "_sum", "_count"):
+            if name.endswith(suffix) and name.removesuffix(suffix) + "_bucket" in exported:
+                name = name.removesuffix(suffix)
+        declared.add(name)
+    assert "gateway_broadcast_latency_seconds" in declared
+    assert declared - documented == set(), "metrics missing from docs/configuration.md"
+    assert documented - declared == set(), "docs/configuration.md names metrics that do not exist"
