@@ -326,12 +326,17 @@ async def test_dev_setup_writes_the_files_once(tmp_path: Path) -> None:
 def test_serve_announces_itself_in_json_lines(
     monkeypatch: pytest.MonkeyPatch,
     capsys: pytest.CaptureFixture[str],
+    tmp_path: Path,
     env: dict[str, str],
     url: str,
     warns: bool,
 ) -> None:
+    from gateway.devsetup import write_self_signed
+
     for name in [n for n in os.environ if n.startswith("GATEWAY_")]:
         monkeypatch.delenv(name)
+    monkeypatch.chdir(tmp_path)  # nothing of the checkout's certs/ is read
+    write_self_signed(tmp_path / DEV_CERT_FILE, tmp_path / DEV_KEY_FILE)  # serve checks them
     monkeypatch.setenv("GATEWAY_JWT_SECRET", TEST_SECRET)
     for name, value in env.items():
         monkeypatch.setenv(name, value)
