@@ -132,8 +132,11 @@ def listen(settings: Settings) -> socket.socket:
     """
     host = settings.host.removeprefix("[").removesuffix("]")
     try:
-        family, _type, _proto, _name, address = socket.getaddrinfo(
-            host, settings.port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
+        # IPv4 unless the host is an IPv6 literal, as Hypercorn binds: a name that resolves
+        # to both (localhost) listens where IPv4 clients look for it.
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        *_, address = socket.getaddrinfo(
+            host, settings.port, family, socket.SOCK_STREAM, flags=socket.AI_PASSIVE
         )[0]
         sock = socket.socket(family, socket.SOCK_STREAM)
         try:
