@@ -532,3 +532,46 @@ async def test_config_refuses_what_serve_refuses(tmp_path: Path) -> None:
     env = clean_env(GATEWAY_JWT_SECRET=TEST_SECRET, GATEWAY_PORT="http")
     stderr = one_clear_line(await gateway_cli("config", env=env, cwd=tmp_path))
     assert "GATEWAY_PORT='http'" in stderr
+
+
+def two_taken_ports() -> list[socket.socket]:
+    """Two listening sockets on consecutive ports (the workers' metrics take port + index)."""
+    for _ in range(50):
+        first = socket.create_server(("127.0.0.1", 0))
+        try:
+            second = socket.create_server(("127.0.0.1", first.getsockname()[1] + 1))
+        except OSError:
+            first.close()
+            continue
+        return [first, second]
+    raise AssertionError("no two consecutive free ports")
+
+
+async def test_a_worker_that_cannot_serve_metrics_says_so_and_the_supervisor_exits_2(
+    tmp_path: Path,
+) -> None:
+    taken = two_taken_ports()
+    metrics_port = taken[0].getsockname()[1]
+    try:
+        env = clean_env(
+            GATEWAY_JWT_SECRET=TEST_SECRET,
+            GATEWAY_TLS="proxy",
+            GATEWAY_PORT="0",
+            GATEWAY_WORKERS="2",
+            GATEWAY_METRICS_PORT=str(metrics_port),
+            # Never reached: the metrics listener comes before the broker's connection.
+            GATEWAY_BROKER_URL="redis://127.0.0.1:1/0",
+            GATEWAY_RATELIMIT_STORAGE_URL="redis://127.0.0.1:1/1",
+        )
+        stderr = one_clear_line(await gateway_cli("serve", env=env, cwd=tmp_path))
+    finally:
+        for sock in taken:
+            sock.close()
+    entries = [json.loads(line) for line in stderr.splitlines()]
+    # The first worker to fail stops the other (SIGTERM), which may not have got as far.
+    failures = {e["worker"]: e["problem"] for e in entries if e["event"] == "gateway cannot start"}
+    assert failures and set(failures) <= {0, 1}
+    for index, problem in failures.items():
+        assert f"GATEWAY_METRICS_PORT={metrics_port + index}: Address already in use" in problem
+    exits = [e["status"] for e in entries if e["event"] == "worker exited"]
+    assert exits[0] == 2, entries
