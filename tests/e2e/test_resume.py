@@ -118,7 +118,9 @@ async def test_clients_cut_off_at_random_resume_and_miss_nothing(
                     session.request_close(CloseCode.TOO_SLOW, "test: as if it did not read")
                 else:
                     session.request_close(CloseCode.GOING_AWAY, "test: as a drain does")
-                await readers[listener]
+                # Shielded: cancelling the cutter while it waits here must not cancel the reader,
+                # which the catch-up below awaits.
+                await asyncio.shield(readers[listener])
                 cuts.append(how)
                 listener.resumes += 1
                 await listener.connect(gw)
